@@ -1,0 +1,1 @@
+"""Runnable training recipes (Trainer / TRL); each works under `accelerate launch`."""

@@ -1,0 +1,66 @@
+import json
+
+import pytest
+import torch
+from factories import tiny_causal_lm
+
+from hf_efficient import bench
+from hf_efficient.bench.harness import BenchReport, ForwardCounter, measure, ratio
+
+
+def test_measure_median_and_result():
+    calls = []
+    timing = measure(lambda: calls.append(1) or len(calls), warmup=2, repeats=3)
+    assert len(calls) == 5 and timing.result == 5
+    assert len(timing.times_s) == 3 and min(timing.times_s) <= timing.median_s <= max(timing.times_s)
+    assert timing.peak_memory_bytes is not None and timing.peak_memory_bytes >= 0
+    with pytest.raises(ValueError, match="repeats=0"):
+        measure(lambda: None, repeats=0)
+
+
+def test_peak_memory_sees_a_large_allocation():
+    timing = measure(lambda: torch.ones(64 * 2**20 // 4).sum(), warmup=0, repeats=1)
+    assert timing.peak_memory_bytes > 32 * 2**20
+
+
+def test_forward_counter_counts_target_forwards():
+    model = tiny_causal_lm("llama")
+    with ForwardCounter(model) as counter:
+        model.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert counter.calls == 4  # one prefill + three decode steps for four new tokens
+
+
+def _report() -> BenchReport:
+    report = BenchReport("unit", "Unit report", setup="two rows")
+    report.add_row({"method": "a", "speedup": 1.0})
+    report.add_row({"method": "b", "speedup": ratio(3.0, 2.0), "extra": 7})
+    report.note("a note")
+    report.bar_plot("speedup")
+    return report
+
+
+def test_report_files_and_markdown(tmp_path):
+    report = _report()
+    paths = report.save(tmp_path)
+    assert [p.suffix for p in paths] == [".json", ".md", ".png"]
+    data = json.loads(paths[0].read_text())
+    assert data["rows"][1]["speedup"] == 1.5 and data["machine"]["device"] == "cpu"
+    markdown = paths[1].read_text()
+    assert "| method | speedup | extra |" in markdown and "| b | 1.5 | 7 |" in markdown and "- a note" in markdown
+
+
+def test_record_replaces_its_own_section_only(tmp_path):
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n\nintro\n")
+    _report().record(md)
+    first = md.read_text()
+    _report().record(md)
+    second = md.read_text()
+    assert second.count("<!-- bench:unit -->") == 1 and "intro" in second
+    assert (tmp_path / "docs/benchmarks/unit.png").is_file()
+    assert first.split("<!-- bench:unit -->")[0] == second.split("<!-- bench:unit -->")[0]
+
+
+def test_unknown_benchmark_names_the_available_ones():
+    with pytest.raises(ValueError, match="baseline"):
+        bench.run("nope")
