@@ -66,5 +66,9 @@ def register_auto_classes() -> list[str]:
         config_class, model_class = __getattr__(config_name), __getattr__(model_name)
         transformers.AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         getattr(transformers, auto_name).register(config_class, model_class, exist_ok=True)
+        if config_name in ("HNetConfig", "HATConfig") and _family_present("ByteTokenizer"):
+            transformers.AutoTokenizer.register(
+                config_class, slow_tokenizer_class=__getattr__("ByteTokenizer"), exist_ok=True
+            )
         registered.append(config_class.model_type)
     return registered

@@ -1,0 +1,179 @@
+"""HAT building blocks: a Llama-layer stack with a row-indexed cache, and the cross-attention used to pool words
+and to let bytes read the preceding words' backbone outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import LlamaConfig
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import (
+    LlamaDecoderLayer,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    eager_attention_forward,
+)
+
+from .configuration_hat import HATConfig
+
+__all__ = ["HATCrossAttention", "HATStack", "HATStackCache", "attention_bias", "put_rows", "take_rows"]
+
+
+def take_rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """`t[rows]` along the batch dimension, or `t` when `rows` is `None` (all rows)."""
+    return t if rows is None else t.index_select(0, rows)
+
+
+def put_rows(t: torch.Tensor, rows: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    """Out-of-place `t[rows] = value` (or `value` when `rows` is `None`)."""
+    return value if rows is None else t.index_copy(0, rows, value.to(t.dtype))
+
+
+def append_slots(store: torch.Tensor, rows: torch.Tensor | None, new: torch.Tensor, fill: int = 0) -> torch.Tensor:
+    """Append `new` (B', H, q, ...) as q slots (dim 2) of `store` (B, H, S, ...); rows not stepped get `fill`."""
+    if rows is not None:
+        new = store.new_full((store.shape[0], *new.shape[1:]), fill).index_copy(0, rows, new.to(store.dtype))
+    return torch.cat([store, new.to(store.dtype)], dim=2)
+
+
+def attention_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (0 where `allowed`, the dtype minimum elsewhere) with a head axis: (B, q, S) -> (B, 1, q, S)."""
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def llama_config(config: HATConfig, backbone: bool) -> LlamaConfig:
+    """`LlamaConfig` of the byte layers (`backbone=False`) or of the word-level backbone."""
+    prefix = "backbone_" if backbone else ""
+    llama = LlamaConfig(
+        vocab_size=1,
+        hidden_size=getattr(config, f"{prefix}hidden_size"),
+        intermediate_size=getattr(config, f"{prefix}intermediate_size"),
+        num_hidden_layers=1,
+        num_attention_heads=getattr(config, f"{prefix}num_attention_heads"),
+        num_key_value_heads=config.backbone_num_key_value_heads if backbone else config.num_attention_heads,
+        rms_norm_eps=config.rms_norm_eps,
+        max_position_embeddings=config.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    llama._attn_implementation = config._attn_implementation or "sdpa"
+    return llama
+
+
+class HATStackCache:
+    """KV per layer for the full batch, the logical position of every slot (-1 = empty), items seen per row."""
+
+    def __init__(self, stack: HATStack, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
+        attn = stack.layers[0].self_attn
+        shape = (batch_size, attn.config.num_key_value_heads, 0, attn.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in stack.layers]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in stack.layers]
+        self.positions = torch.zeros(batch_size, 0, dtype=torch.long, device=device)  # (B, S)
+        self.count = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
+
+    def apply_(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.keys, self.values = [fn(t) for t in self.keys], [fn(t) for t in self.values]
+        self.positions, self.count = fn(self.positions), fn(self.count)
+
+
+class _AppendKV:
+    """Duck-typed `Cache` for one Llama attention layer: prepends the gathered past, records the new KV."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys, self.values, self.new = keys, values, None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self.new = (key_states, value_states)  # (B', H_kv, q, D)
+        return torch.cat([self.keys, key_states], dim=2), torch.cat([self.values, value_states], dim=2)
+
+
+class HATStack(nn.Module):
+    """Llama decoder layers over a padded sequence (one contiguous run of valid items per row) + final RMSNorm.
+
+    Args:
+        config ([`HATConfig`]): model configuration.
+        num_layers (`int`): number of layers.
+        backbone (`bool`): word-level backbone (global attention) or byte layers (sliding window).
+    """
+
+    def __init__(self, config: HATConfig, num_layers: int, backbone: bool) -> None:
+        super().__init__()
+        llama = llama_config(config, backbone)
+        self.window = None if backbone else config.sliding_window
+        self.layers = nn.ModuleList(LlamaDecoderLayer(llama, layer_idx=i) for i in range(num_layers))
+        self.rotary_emb = LlamaRotaryEmbedding(llama)
+        self.norm = LlamaRMSNorm(llama.hidden_size, eps=config.rms_norm_eps)
+
+    def new_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> HATStackCache:
+        return HATStackCache(self, batch_size, device, dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        valid: torch.Tensor,
+        cache: HATStackCache | None = None,
+        rows: torch.Tensor | None = None,
+        interleave: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """x (B', L, D) new items of rows `rows` (all if `None`), valid (B', L) -> (B', L, D).
+
+        `interleave(i, x)` runs before layer i (the decoder's cross-attention).
+        """
+        count = take_rows(cache.count, rows) if cache is not None else valid.new_zeros(valid.shape[0]).long()
+        q_pos = torch.where(valid, count[:, None] + valid.long().cumsum(1) - 1, -1)  # (B', L)
+        k_pos = torch.cat([take_rows(cache.positions, rows), q_pos], dim=1) if cache is not None else q_pos
+        qp, kp = q_pos[:, :, None], k_pos[:, None, :]
+        allowed = (kp >= 0) & (kp <= qp)
+        if self.window is not None:
+            allowed = allowed & (qp - kp < self.window)
+        bias, rope = attention_bias(allowed, x.dtype), self.rotary_emb(x, q_pos.clamp(min=0))
+        for i, layer in enumerate(self.layers):
+            if interleave is not None:
+                x = interleave(i, x)
+            kv = _AppendKV(take_rows(cache.keys[i], rows), take_rows(cache.values[i], rows)) if cache else None
+            x = layer(x, attention_mask=bias, position_embeddings=rope, past_key_values=kv)
+            if cache is not None:
+                cache.keys[i] = append_slots(cache.keys[i], rows, kv.new[0])
+                cache.values[i] = append_slots(cache.values[i], rows, kv.new[1])
+        if cache is not None:
+            cache.positions = append_slots(cache.positions[:, None], rows, q_pos[:, None], fill=-1)[:, 0]
+            cache.count = put_rows(cache.count, rows, count + valid.sum(1))
+        return self.norm(x)
+
+
+class HATCrossAttention(nn.Module):
+    """Multi-head cross-attention `queries (B, q, D) -> memory (B, S, D_kv)` through the attention interface."""
+
+    def __init__(self, config: HATConfig, memory_size: int) -> None:
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // self.num_heads
+        self.num_key_value_groups = 1
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.k_proj = nn.Linear(memory_size, config.hidden_size, bias=False)
+        self.v_proj = nn.Linear(memory_size, config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """memory (B, S, D_kv) -> keys, values (B, H, S, D_h)."""
+        shape = (*memory.shape[:2], self.num_heads, self.head_dim)
+        return self.k_proj(memory).view(shape).transpose(1, 2), self.v_proj(memory).view(shape).transpose(1, 2)
+
+    def forward(
+        self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor
+    ) -> torch.Tensor:
+        """queries (B, q, D), keys/values (B, H, S, D_h), bias (B, 1, q, S) -> (B, q, D)."""
+        q = self.q_proj(queries).view(*queries.shape[:2], self.num_heads, self.head_dim).transpose(1, 2)
+        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        out, _ = attention(self, q, keys, values, bias, dropout=0.0, scaling=self.scaling)  # (B, q, H, D_h)
+        return self.o_proj(out.reshape(*queries.shape[:2], -1))

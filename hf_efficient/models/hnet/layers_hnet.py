@@ -1,0 +1,250 @@
+"""H-Net building blocks: the parallel linear scan, the gated recurrent block and the block stack ("Isotropic").
+
+Every stack runs on a padded batch whose valid positions form ONE contiguous run per row (left padding for the
+byte prompt, right padding for chunk sequences), with an optional per-stack cache indexed by absolute batch rows
+so that an inner stage can step only the rows that closed a chunk (gather -> step -> scatter).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
+
+from .configuration_hnet import HNetConfig
+
+__all__ = ["HNetRecurrentBlock", "HNetStack", "HNetStackCache", "linear_scan", "take_rows"]
+
+
+def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
+    """Inclusive scan of `h_t = a_t * h_{t-1} + b_t` in log2(L) parallel steps (Hillis-Steele).
+
+    Args:
+        a (`torch.Tensor` of shape `(B, L, C)` or `(B, L, 1)`): decay in [0, 1].
+        b (`torch.Tensor` of shape `(B, L, C)`): input.
+        h0 (`torch.Tensor` of shape `(B, C)`, *optional*): state before position 0 (zeros if `None`).
+
+    Returns:
+        `torch.Tensor` of shape `(B, L, C)`: every `h_t`.
+    """
+    if h0 is not None and b.shape[1] > 0:
+        b = torch.cat([b[:, :1] + a[:, :1] * h0[:, None], b[:, 1:]], dim=1)
+    shift, length = 1, b.shape[1]
+    while shift < length:
+        # compose element t with element t - shift: (a, b)_t <- (a_t a_{t-s}, a_t b_{t-s} + b_t)
+        b = torch.cat([b[:, :shift], b[:, shift:] + a[:, shift:] * b[:, :-shift]], dim=1)
+        a = torch.cat([a[:, :shift], a[:, shift:] * a[:, :-shift]], dim=1)
+        shift *= 2
+    return b
+
+
+def take_rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """`t[rows]` along the batch dimension, or `t` itself when `rows` is `None` (all rows)."""
+    return t if rows is None else t.index_select(0, rows)
+
+
+def put_rows(t: torch.Tensor, rows: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    """Out-of-place `t[rows] = value` (or `value` when `rows` is `None`)."""
+    return value if rows is None else t.index_copy(0, rows, value.to(t.dtype))
+
+
+def last_valid_index(valid: torch.Tensor) -> torch.Tensor:
+    """Index of the last `True` per row of `valid` (B, L), or -1 for rows without any."""
+    idx = torch.arange(valid.shape[1], device=valid.device).expand_as(valid)
+    return torch.where(valid, idx, -1).amax(dim=1) if valid.shape[1] else valid.new_full((valid.shape[0],), -1).long()
+
+
+def attention_bias(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """Additive 4-D mask from logical positions (-1 = empty slot): causal, windowed, padding-aware.
+
+    Args:
+        q_pos (`torch.Tensor` of shape `(B, q)`), k_pos (`torch.Tensor` of shape `(B, S)`): positions.
+        window (`int`, *optional*): a query sees keys with `q_pos - k_pos < window`.
+
+    Returns:
+        `torch.Tensor` of shape `(B, 1, q, S)`: 0 where attention is allowed, the dtype minimum elsewhere.
+    """
+    qp, kp = q_pos[:, None, :, None], k_pos[:, None, None, :]  # (B, 1, q, 1), (B, 1, 1, S)
+    allowed = (kp >= 0) & (kp <= qp)
+    if window is not None:
+        allowed = allowed & (qp - kp < window)
+    return torch.zeros(allowed.shape, dtype=dtype, device=q_pos.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def stage_llama_config(config: HNetConfig, stage: int) -> LlamaConfig:
+    """The `LlamaConfig` that builds the attention layers (and MLPs) of one stage."""
+    llama = LlamaConfig(
+        vocab_size=1,
+        hidden_size=config.hidden_size[stage],
+        intermediate_size=max(config.intermediate_size[stage], 1),
+        num_hidden_layers=1,
+        num_attention_heads=config.num_attention_heads[stage],
+        num_key_value_heads=config.num_key_value_heads[stage],
+        rms_norm_eps=config.rms_norm_eps,
+        max_position_embeddings=config.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    llama._attn_implementation = config._attn_implementation or "sdpa"
+    return llama
+
+
+class HNetStackCache:
+    """Per-stack generation state for the full batch: KV per attention layer, conv/recurrent state per recurrent
+    layer, the logical position of every KV slot (-1 = empty) and the number of valid items seen per row."""
+
+    def __init__(self, stack: HNetStack, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.positions = torch.zeros(batch_size, 0, dtype=torch.long, device=device)  # (B, S)
+        self.count = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.states: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for i, block in enumerate(stack.layers):
+            if isinstance(block, HNetRecurrentBlock):
+                self.states[i] = block.initial_state(batch_size, device, dtype)
+            else:
+                attn = block.self_attn
+                kv_shape = (batch_size, attn.config.num_key_value_heads, 0, attn.head_dim)
+                self.keys[i] = torch.zeros(kv_shape, dtype=dtype, device=device)
+                self.values[i] = torch.zeros(kv_shape, dtype=dtype, device=device)
+
+    def apply_(self, fn) -> None:
+        """Replace every state tensor `t` by `fn(t)` (batch reordering, selection, repetition, device moves)."""
+        self.positions, self.count = fn(self.positions), fn(self.count)
+        self.keys = {i: fn(t) for i, t in self.keys.items()}
+        self.values = {i: fn(t) for i, t in self.values.items()}
+        self.states = {i: tuple(fn(t) for t in s) for i, s in self.states.items()}
+
+
+class _AppendKV:
+    """Duck-typed `Cache` handed to one Llama attention layer: prepends the gathered past, records the new KV."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys, self.values = keys, values
+        self.new_keys = self.new_values = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self.new_keys, self.new_values = key_states, value_states  # (B', H_kv, q, D)
+        return torch.cat([self.keys, key_states], dim=2), torch.cat([self.values, value_states], dim=2)
+
+
+class HNetRecurrentBlock(nn.Module):
+    """Gated linear recurrence with a short causal convolution (a Mamba-style block without selective B/C):
+
+    `u = SiLU(conv(W_u x))`, `a = sigmoid(W_a x + bias)`, `h_t = a_t h_{t-1} + (1 - a_t) u_t`,
+    `y = W_o (h * SiLU(W_g x))`; pre-norm residual, plus a SwiGLU MLP for `M` blocks. Trains with `linear_scan`
+    and steps with an O(1) state `(conv window, h)`, so it runs anywhere PyTorch does.
+    """
+
+    def __init__(self, config: HNetConfig, stage: int, with_mlp: bool) -> None:
+        super().__init__()
+        d = config.hidden_size[stage]
+        self.channels = config.recurrent_expand * d
+        self.kernel = config.conv_kernel
+        self.norm = LlamaRMSNorm(d, eps=config.rms_norm_eps)
+        self.in_proj = nn.Linear(d, 3 * self.channels, bias=False)
+        self.conv = nn.Conv1d(self.channels, self.channels, self.kernel, groups=self.channels)
+        self.decay_bias = nn.Parameter(torch.zeros(self.channels))
+        self.out_proj = nn.Linear(self.channels, d, bias=False)
+        self.mlp = LlamaMLP(stage_llama_config(config, stage)) if with_mlp else None
+        self.mlp_norm = LlamaRMSNorm(d, eps=config.rms_norm_eps) if with_mlp else None
+
+    def initial_state(self, batch_size: int, device: torch.device, dtype: torch.dtype):
+        conv = torch.zeros(batch_size, self.channels, self.kernel - 1, device=device, dtype=dtype)  # (B, C, K-1)
+        return conv, torch.zeros(batch_size, self.channels, device=device, dtype=dtype)  # (B, C)
+
+    def forward(
+        self, x: torch.Tensor, valid: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """x (B, L, D), valid (B, L) -> (B, L, D) and the state after the last valid position."""
+        if state is None:
+            state = self.initial_state(x.shape[0], x.device, x.dtype)
+        conv_state, h0 = state
+        u, gate, a_raw = self.in_proj(self.norm(x)).chunk(3, dim=-1)  # 3 x (B, L, C)
+        mask = valid[..., None]
+        seq = torch.cat([conv_state, (u * mask).transpose(1, 2)], dim=2)  # (B, C, K-1+L)
+        if x.shape[1] == 1:  # decoding step: a dot product with the kernel is much cheaper than conv1d
+            conv = (seq * self.conv.weight[:, 0]).sum(-1, keepdim=True) + self.conv.bias[:, None]  # (B, C, 1)
+        else:
+            conv = F.conv1d(seq, self.conv.weight, self.conv.bias, groups=self.channels)  # (B, C, L)
+        u = F.silu(conv).transpose(1, 2)
+        # the next conv window = the K-1 inputs ending at the last valid position (old window if none)
+        window = last_valid_index(valid)[:, None] + 1 + torch.arange(self.kernel - 1, device=x.device)
+        new_conv = seq.gather(2, window[:, None, :].expand(-1, self.channels, -1))  # (B, C, K-1)
+        a = torch.sigmoid(a_raw + self.decay_bias)  # (B, L, C)
+        b = torch.where(mask, (1 - a) * u, 0.0)
+        a = torch.where(mask, a, 1.0)  # padding passes the state through unchanged
+        h = linear_scan(a, b, h0)  # (B, L, C)
+        x = x + self.out_proj(h * F.silu(gate))
+        if self.mlp is not None:
+            x = x + self.mlp(self.mlp_norm(x))
+        return x, (new_conv, h[:, -1] if h.shape[1] else h0)
+
+
+class HNetStack(nn.Module):
+    """A stack of blocks from a layout string (`T` Llama layer, `m`/`M` recurrent) followed by an RMSNorm.
+
+    Args:
+        config ([`HNetConfig`]): model configuration.
+        stage (`int`): stage index (width, heads and window come from the per-stage lists).
+        blocks (`list[str]`): expanded layout, e.g. `["T", "m", "m"]`.
+    """
+
+    def __init__(self, config: HNetConfig, stage: int, blocks: list[str]) -> None:
+        super().__init__()
+        window = config.sliding_window[stage]
+        self.window = None if window is None or window < 0 else window
+        llama = stage_llama_config(config, stage)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(llama, layer_idx=i) if kind == "T" else HNetRecurrentBlock(config, stage, kind == "M")
+            for i, kind in enumerate(blocks)
+        )
+        self.rotary_emb = LlamaRotaryEmbedding(llama) if "T" in blocks else None
+        self.norm = LlamaRMSNorm(config.hidden_size[stage], eps=config.rms_norm_eps)
+
+    def new_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> HNetStackCache:
+        return HNetStackCache(self, batch_size, device, dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        valid: torch.Tensor,
+        cache: HNetStackCache | None = None,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B', L, D) new items of batch rows `rows` (all rows if `None`), valid (B', L) -> (B', L, D)."""
+        count = take_rows(cache.count, rows) if cache is not None else valid.new_zeros(valid.shape[0]).long()
+        q_pos = torch.where(valid, count[:, None] + valid.long().cumsum(1) - 1, -1)  # (B', L) logical positions
+        if self.rotary_emb is not None:
+            past_pos = take_rows(cache.positions, rows) if cache is not None else q_pos[:, :0]
+            bias = attention_bias(q_pos, torch.cat([past_pos, q_pos], dim=1), self.window, x.dtype)  # (B',1,L,S+L)
+            rope = self.rotary_emb(x, q_pos.clamp(min=0))
+        for i, block in enumerate(self.layers):
+            if isinstance(block, HNetRecurrentBlock):
+                state = tuple(take_rows(s, rows) for s in cache.states[i]) if cache is not None else None
+                x, new_state = block(x, valid, state)
+                if cache is not None:
+                    cache.states[i] = tuple(put_rows(s, rows, n) for s, n in zip(cache.states[i], new_state))
+                continue
+            kv = _AppendKV(take_rows(cache.keys[i], rows), take_rows(cache.values[i], rows)) if cache else None
+            x = block(x, attention_mask=bias, position_embeddings=rope, past_key_values=kv)
+            if cache is not None:
+                cache.keys[i] = _append_slots(cache.keys[i], rows, kv.new_keys)
+                cache.values[i] = _append_slots(cache.values[i], rows, kv.new_values)
+        if cache is not None:
+            if self.rotary_emb is not None:
+                cache.positions = _append_slots(cache.positions[:, None], rows, q_pos[:, None], fill=-1)[:, 0]
+            cache.count = put_rows(cache.count, rows, count + valid.sum(1))
+        return self.norm(x)
+
+
+def _append_slots(store: torch.Tensor, rows: torch.Tensor | None, new: torch.Tensor, fill: int = 0) -> torch.Tensor:
+    """Append `new` (B', H, q, ...) as q new slots (dim 2) of `store` (B, H, S, ...); other rows get `fill`."""
+    if rows is not None:
+        full = store.new_full((store.shape[0], *new.shape[1:]), fill)
+        new = full.index_copy(0, rows, new.to(store.dtype))
+    return torch.cat([store, new.to(store.dtype)], dim=2)
