@@ -6,6 +6,7 @@ imported directly where they are used.
 
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, QuantizedCache
 from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
@@ -20,5 +21,6 @@ __all__ = [
     "DynamicLayer",
     "GenerateDecoderOnlyOutput",
     "QuantizedCache",
+    "sdpa_attention_forward",
     "sdpa_mask",
 ]

@@ -1,0 +1,172 @@
+"""Shared policy of the quantised caches: a full-precision residual window flushed into compressed blocks.
+
+Tokens arrive in a full-precision residual buffer; as soon as it holds `residual_length` tokens, the oldest
+`residual_length` are compressed into one block (KIVI's residual, GEAR's streaming buffer). A concrete method
+only says how a `(B, 1, H_kv, R, D)` block of keys and of values is compressed (`compress_keys` /
+`compress_values`); compressed blocks are concatenated along their block axis, so the whole compressed
+history `(B, n_blocks, H_kv, R, D)` is dequantised in one call per step, whatever its length.
+
+The whole history stays, so positions are contiguous: `get_seq_length()` counts every token and the standard
+causal/padding mask applies unchanged. Attention runs on the dequantised history (no fused kernel).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from .base import MeasuredLayer, tensor_nbytes
+
+__all__ = ["CompressedBlock", "ResidualCompressedLayer"]
+
+
+class CompressedBlock(Protocol):
+    """What compressed `(B, n_blocks, H_kv, R, D)` blocks offer."""
+
+    def dequantize(self) -> torch.Tensor: ...
+
+    def concat(self, other: CompressedBlock) -> CompressedBlock: ...
+
+    def select(self, index: torch.Tensor) -> CompressedBlock: ...
+
+    def nbytes(self) -> int: ...
+
+
+class ResidualCompressedLayer(MeasuredLayer):
+    """A cache layer holding compressed blocks of `residual_length` tokens plus a full-precision residual.
+
+    Rolling back (`crop(-n)`) is exact for the tokens still in the residual. Speculative decoding first calls
+    `activate_past_recording()`, which defers compression to the next `crop`, so a rollback never reaches into a
+    compressed block.
+
+    Args:
+        residual_length (`int`): tokens kept in full precision before a block is compressed.
+    """
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, residual_length: int):
+        super().__init__()
+        self.residual_length = residual_length
+        self.cumulative_length = 0
+        self.record_past = False
+        self.key_store: CompressedBlock | None = None  # every compressed block, (B, n_blocks, H_kv, R, D)
+        self.value_store: CompressedBlock | None = None
+
+    def compress_keys(self, keys: torch.Tensor) -> CompressedBlock:
+        """Compresses a key block `(B, 1, H_kv, R, D)`."""
+        raise NotImplementedError
+
+    def compress_values(self, values: torch.Tensor) -> CompressedBlock:
+        """Compresses a value block `(B, 1, H_kv, R, D)`."""
+        raise NotImplementedError
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states[..., :0, :]  # (B, H_kv, 0, D): the residual starts empty
+        self.values = value_states[..., :0, :]
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Appends `(B, H_kv, q, D)` states and returns the whole (dequantised) history `(B, H_kv, L, D)`."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        self.keys = torch.cat([self.keys, key_states], dim=-2)  # (B, H_kv, residual + q, D)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        keys = torch.cat([*self._history(self.key_store), self.keys], dim=-2)  # (B, H_kv, L, D)
+        values = torch.cat([*self._history(self.value_store), self.values], dim=-2)
+        if not self.record_past:
+            self._flush()
+        return keys, values
+
+    @staticmethod
+    def _history(store: CompressedBlock | None) -> list[torch.Tensor]:
+        """The dequantised compressed history as `[(B, H_kv, n_blocks * R, D)]` (empty list when none)."""
+        if store is None:
+            return []
+        blocks = store.dequantize()  # (B, n_blocks, H_kv, R, D)
+        batch, n_blocks, heads, length, dim = blocks.shape
+        return [blocks.transpose(1, 2).reshape(batch, heads, n_blocks * length, dim)]
+
+    @staticmethod
+    def _append(store: CompressedBlock | None, block: CompressedBlock) -> CompressedBlock:
+        return block if store is None else store.concat(block)
+
+    def _flush(self) -> None:
+        """Compresses full blocks of `residual_length` tokens out of the residual."""
+        while self.keys.shape[-2] >= self.residual_length:
+            rest = self.keys.shape[-2] - self.residual_length
+            block_keys, self.keys = self.keys.split([self.residual_length, rest], dim=-2)
+            block_values, self.values = self.values.split([self.residual_length, rest], dim=-2)
+            self.key_store = self._append(self.key_store, self.compress_keys(block_keys.unsqueeze(1).contiguous()))
+            self.value_store = self._append(
+                self.value_store, self.compress_values(block_values.unsqueeze(1).contiguous())
+            )
+        self.keys, self.values = self.keys.contiguous(), self.values.contiguous()
+
+    def activate_past_recording(self) -> None:
+        """Defers compression to the next `crop`, so that rolled-back tokens never reach a compressed block."""
+        self.record_past = True
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Removes the last `-tokens_to_remove` tokens (a negative count), then compresses what is due.
+
+        Raises:
+            `ValueError`: for a positive count, or when the tokens to remove were already compressed.
+        """
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative count of tokens to remove, got {tokens_to_remove}")
+        remove = -tokens_to_remove
+        if remove and self.is_initialized:
+            if remove > self.keys.shape[-2]:
+                raise ValueError(
+                    f"cannot crop {remove} tokens: only the last {self.keys.shape[-2]} are uncompressed; call "
+                    "`activate_past_recording()` before the forward passes you may roll back"
+                )
+            self.keys, self.values = self.keys[..., :-remove, :], self.values[..., :-remove, :]
+            self.cumulative_length -= remove
+        if self.is_initialized:
+            self._flush()
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cumulative_length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.key_store = self.value_store = None
+        self.cumulative_length = 0
+        self.is_initialized = False
+
+    def _select_batch(self, index: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        index = index.to(self.device)
+        self.keys, self.values = self.keys[index], self.values[index]
+        if self.key_store is not None:
+            self.key_store, self.value_store = self.key_store.select(index), self.value_store.select(index)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_batch(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_batch(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._select_batch(torch.arange(self.keys.shape[0], device=self.device).repeat_interleave(repeats))
+
+    def nbytes(self) -> int:
+        residual = tensor_nbytes(self.keys, self.values) if self.is_initialized else 0
+        stores = (self.key_store, self.value_store)
+        return residual + sum(store.nbytes() for store in stores if store is not None)

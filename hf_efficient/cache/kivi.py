@@ -1,0 +1,86 @@
+"""KIVI: tuning-free asymmetric 2/4-bit KV cache quantisation.
+
+Keys are quantised per channel (each channel's groups span `group_size` consecutive tokens, since key outliers
+live in fixed channels), values per token (groups of `group_size` channels); the most recent
+`residual_length` tokens stay in full precision and are quantised as one block when the window is full.
+
+Paper: Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache", ICML 2024 (arXiv 2402.02750).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedConfig
+
+from .base import CompressedKVCache, head_dim_of
+from .compressed import ResidualCompressedLayer
+from .quantization import SUPPORTED_BITS, QuantizedTensor, quantize
+
+__all__ = ["KIVICache", "KIVILayer", "validate_quantization"]
+
+
+def validate_quantization(config: PreTrainedConfig, bits: int, group_size: int, residual_length: int) -> int:
+    """Checks the shared quantisation settings against `config`; returns the value group size (channels).
+
+    Raises:
+        `ValueError`: naming the setting and the limit it breaks.
+    """
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits} is not supported; use one of {SUPPORTED_BITS}")
+    if group_size <= 0:
+        raise ValueError(f"group_size={group_size} must be positive")
+    if residual_length <= 0 or residual_length % group_size:
+        raise ValueError(
+            f"residual_length={residual_length} must be a positive multiple of group_size={group_size} (keys are "
+            "grouped over the tokens of one residual block)"
+        )
+    head_dim = head_dim_of(config)
+    value_group = min(group_size, head_dim)
+    if head_dim % value_group:
+        raise ValueError(f"group_size={group_size} must divide head_dim={head_dim} (values are grouped over channels)")
+    return value_group
+
+
+class KIVILayer(ResidualCompressedLayer):
+    """One KIVI layer: per-channel keys, per-token values, full-precision residual window.
+
+    Args:
+        bits (`int`): code width (2, 4 or 8).
+        group_size (`int`): tokens per key group (and channels per value group, capped at `head_dim`).
+        value_group_size (`int`): channels per value group.
+        residual_length (`int`): full-precision window, a multiple of `group_size`.
+    """
+
+    def __init__(self, bits: int, group_size: int, value_group_size: int, residual_length: int):
+        super().__init__(residual_length)
+        self.bits, self.group_size, self.value_group_size = bits, group_size, value_group_size
+
+    def compress_keys(self, keys: torch.Tensor) -> QuantizedTensor:
+        return quantize(keys, self.bits, self.group_size, dim=-2)  # per channel, groups over tokens
+
+    def compress_values(self, values: torch.Tensor) -> QuantizedTensor:
+        return quantize(values, self.bits, self.value_group_size, dim=-1)  # per token, groups over channels
+
+
+class KIVICache(CompressedKVCache):
+    """KIVI cache: 2/4-bit keys per channel and values per token, with a full-precision residual window.
+
+    Args:
+        config (`PreTrainedConfig`): the model config.
+        bits (`int`, *optional*, defaults to 2): code width, one of 2, 4, 8.
+        group_size (`int`, *optional*, defaults to 32): tokens per key group / channels per value group.
+        residual_length (`int`, *optional*, defaults to 64): tokens kept in full precision; a multiple of
+            `group_size`.
+
+    Example:
+
+    ```python
+    >>> cache = KIVICache(config=model.config, bits=2, group_size=32, residual_length=64)
+    >>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=32)
+    >>> cache.nbytes()
+    ```
+    """
+
+    def __init__(self, config: PreTrainedConfig, bits: int = 2, group_size: int = 32, residual_length: int = 64):
+        value_group = validate_quantization(config, bits, group_size, residual_length)
+        super().__init__(config, lambda: KIVILayer(bits, group_size, value_group, residual_length))
