@@ -1,0 +1,77 @@
+"""ChunkLLM configuration: chunk-selection adapters on top of a frozen rotary decoder (the backbone)."""
+
+from typing import ClassVar
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+
+class ChunkLLMConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`ChunkLLMForCausalLM`]: a frozen backbone decoder plus the ChunkLLM adapters that pick
+    which chunks of the KV cache each attention layer reads.
+
+    Paper: ChunkLLM: A Lightweight Pluggable Framework for Accelerating LLMs Inference (Ouyang et al., 2025,
+    arXiv:2510.02361).
+
+    Args:
+        backbone_config (`dict` or `PreTrainedConfig`, *optional*):
+            Config of the backbone causal LM (Llama, Qwen2, Mistral, ... any decoder with rotary attention).
+        backbone_name_or_path (`str`, *optional*):
+            Where the backbone came from (Hub id or local path), kept as a reference in saved checkpoints.
+        adapter_dim (`int`, *optional*, defaults to 32):
+            Width per KV head of the Q/K adapters that score chunks.
+        boundary_hidden_size (`int`, *optional*, defaults to 64):
+            Hidden width of the chunk-boundary adapter (one hidden layer).
+        top_k_chunks (`int`, *optional*, defaults to 8):
+            Closed chunks each KV head keeps besides the sink tokens and the current chunk. With at least as many
+            as there are chunks, outputs equal the backbone's exactly.
+        sink_tokens (`int`, *optional*, defaults to 4):
+            First tokens of every sequence that are always attended (attention sinks).
+        boundary_threshold (`float`, *optional*, defaults to 0.5):
+            Probability above which the boundary adapter closes the current chunk.
+        prefill_block_size (`int`, *optional*, defaults to 512):
+            Prompts longer than this are prefilled in blocks of this many tokens.
+        boundary_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the boundary BCE next to the attention-distillation KL in the training loss.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Std of the normal initialisation of the adapter weights.
+
+    Example:
+
+    ```python
+    >>> from hf_efficient.models import ChunkLLMConfig
+    >>> from transformers import LlamaConfig
+    >>> config = ChunkLLMConfig(backbone_config=LlamaConfig(num_hidden_layers=2).to_dict(), top_k_chunks=4)
+    ```
+    """
+
+    model_type = "chunkllm"
+    sub_configs_defaults: ClassVar[dict[str, SubConfigSpec]] = {
+        "backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")
+    }
+
+    backbone_config: dict | PreTrainedConfig | None = None
+    backbone_name_or_path: str | None = None
+    adapter_dim: int = 32
+    boundary_hidden_size: int = 64
+    top_k_chunks: int = 8
+    sink_tokens: int = 4
+    boundary_threshold: float = 0.5
+    prefill_block_size: int = 512
+    boundary_loss_weight: float = 1.0
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        for name in ("adapter_dim", "boundary_hidden_size", "top_k_chunks", "prefill_block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
+        if self.sink_tokens < 0:
+            raise ValueError(f"sink_tokens={self.sink_tokens} must be >= 0")
+        if not 0.0 < self.boundary_threshold < 1.0:
+            raise ValueError(f"boundary_threshold={self.boundary_threshold} must lie strictly between 0 and 1")
+
+
+__all__ = ["ChunkLLMConfig"]

@@ -1,0 +1,476 @@
+"""ChunkLLM: chunk-selection adapters on a frozen rotary decoder, with chunk-selective attention and its cache.
+
+The backbone runs unchanged; only its attention implementation is swapped for `chunkllm_attention_forward`
+(registered in `AttentionInterface` and, with the SDPA mask, in `AttentionMaskInterface`). A forward pre-hook on
+every backbone attention module feeds the layer's input to its Q/K adapter; the adapter outputs travel to the
+attention function through the cache (decoding) or the distillation state (training) passed as keyword arguments.
+When every query may read all its closed chunks, the attention function calls SDPA with the backbone's own
+arguments, so outputs are bit-identical to the backbone's.
+"""
+
+import inspect
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .cache_chunkllm import ChunkLLMCache
+from .configuration_chunkllm import ChunkLLMConfig
+
+ATTENTION_NAME = "chunkllm"
+_MASKED = -1e9  # finite, so queries without closed chunks keep finite gradients
+
+
+class ChunkLLMDistillation:
+    """Training state of one forward pass: teacher-forced chunks from boundary labels and the per-layer KL terms.
+
+    Args:
+        boundary_labels (`torch.Tensor` of shape `(B, L)`): 1 where a token closes its chunk.
+    """
+
+    def __init__(self, boundary_labels: torch.Tensor):
+        labels = boundary_labels.long()
+        self.chunk_of = labels.cumsum(dim=1) - labels  # (B, L) closed chunks before each token
+        num_chunks = int(self.chunk_of.max().item()) + 1
+        self.one_hot = F.one_hot(self.chunk_of, num_chunks).float()  # (B, L, C)
+        self.adapter_states: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.losses: list[torch.Tensor] = []
+
+    def add_layer(self, query: torch.Tensor, key: torch.Tensor, scaling: float, groups: int, layer_idx: int) -> None:
+        """KL(teacher || adapters) over the closed chunks of every query, averaged over queries with >= 2 of them.
+
+        Args:
+            query (`torch.Tensor` of shape `(B, H, L, D)`): backbone queries (after RoPE).
+            key (`torch.Tensor` of shape `(B, H_kv, L, D)`): backbone keys (after RoPE).
+        """
+        adapter_queries, adapter_keys = self.adapter_states.pop(layer_idx)  # (B, H_kv, L, d)
+        batch_size, num_kv_heads, length, _ = adapter_keys.shape
+        closed = torch.arange(self.one_hot.shape[-1], device=query.device) < self.chunk_of[:, :, None]  # (B, L, C)
+        with torch.no_grad():
+            scores = (query @ repeat_kv(key, groups).transpose(-1, -2)).float() * scaling  # (B, H, L, L)
+            causal = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
+            probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+            probs = probs.view(batch_size, num_kv_heads, groups, length, length).mean(dim=2)  # (B, H_kv, L, L)
+            teacher = (probs @ self.one_hot[:, None]) * closed[:, None]  # (B, H_kv, L, C)
+            teacher = teacher / teacher.sum(dim=-1, keepdim=True).clamp(min=1e-9)
+        sizes = self.one_hot.sum(dim=1).clamp(min=1)[:, None, :, None]  # (B, 1, C, 1)
+        chunk_keys = (self.one_hot.transpose(1, 2)[:, None] @ adapter_keys) / sizes  # (B, H_kv, C, d)
+        logits = (adapter_queries @ chunk_keys.transpose(-1, -2)).masked_fill(~closed[:, None], _MASKED)
+        log_student = logits.log_softmax(dim=-1)  # (B, H_kv, L, C)
+        kl = torch.where(teacher > 0, teacher * (teacher.clamp(min=1e-9).log() - log_student), 0.0).sum(dim=-1)
+        weight = (closed.sum(dim=-1) >= 2).float()[:, None].expand_as(kl)  # (B, H_kv, L)
+        self.losses.append((kl * weight).sum() / weight.sum().clamp(min=1.0))
+
+
+def chunkllm_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    chunkllm_cache: ChunkLLMCache | None = None,
+    chunkllm_distillation: ChunkLLMDistillation | None = None,
+    chunkllm_adapters: nn.ModuleList | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Chunk-selective attention (ChunkLLM); plain SDPA when no ChunkLLM state is passed.
+
+    Args:
+        query (`torch.Tensor` of shape `(B, H, Lq, D)`), key / value (`torch.Tensor` of shape `(B, H_kv, L, D)`):
+            backbone projections after RoPE, keys and values including the cache.
+        attention_mask (`torch.Tensor` of shape `(B, 1, Lq, L)`, *optional*): the backbone's causal/padding mask.
+        chunkllm_cache (`ChunkLLMCache`, *optional*): chunk state for inference.
+        chunkllm_distillation (`ChunkLLMDistillation`, *optional*): collects the distillation loss in training.
+        chunkllm_adapters (`nn.ModuleList`, *optional*): the Q/K adapters, read by the pre-attention hook only.
+
+    Returns:
+        `(attn_output, None)` with `attn_output` of shape `(B, Lq, H, D)`.
+    """
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    dense = (module, query, key, value, attention_mask)
+    if chunkllm_distillation is not None:
+        chunkllm_distillation.add_layer(query, key, scaling, module.num_key_value_groups, module.layer_idx)
+    if chunkllm_cache is None:
+        return sdpa_attention_forward(*dense, scaling=scaling, dropout=dropout, **kwargs)
+
+    cache, layer_idx = chunkllm_cache, module.layer_idx
+    adapter_queries, adapter_keys = cache.adapter_states.pop(layer_idx)  # (B, H_kv, Lq, d)
+    cache.add_adapter_states(layer_idx, adapter_queries, adapter_keys)
+    num_kv_heads = key.shape[1]
+    if cache.block_dense:
+        cache.count(None, num_kv_heads)
+        return sdpa_attention_forward(*dense, scaling=scaling, dropout=dropout, **kwargs)
+    if query.shape[2] == 1:
+        return _decode_attention(cache, layer_idx, query, key, value, attention_mask, scaling)
+    return _block_attention(cache, layer_idx, adapter_queries, query, key, value, attention_mask, scaling)
+
+
+def _as_bool(mask: torch.Tensor) -> torch.Tensor:
+    return mask if mask.dtype == torch.bool else mask == 0  # additive float masks: 0 keeps, -inf drops
+
+
+def _decode_attention(
+    cache: ChunkLLMCache,
+    layer_idx: int,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+) -> tuple[torch.Tensor, None]:
+    """One query token: gather the selected positions, append the open chunk, attend per KV head group."""
+    batch_size, num_heads, _, head_dim = query.shape
+    num_kv_heads, length = key.shape[1], key.shape[2]
+    index, valid = cache.decode_positions(layer_idx)  # (B, H_kv, M)
+    tail_start = int(cache.current_start.min().item())
+    gather = index[..., None].expand(-1, -1, -1, head_dim)
+    keys = torch.cat([key.gather(2, gather), key[:, :, tail_start:]], dim=2)  # (B, H_kv, M + T, D)
+    values = torch.cat([value.gather(2, gather), value[:, :, tail_start:]], dim=2)
+    tail = torch.arange(tail_start, length, device=key.device) >= cache.current_start[:, None]  # (B, T)
+    keep = torch.cat([valid, tail[:, None].expand(-1, num_kv_heads, -1)], dim=-1)  # (B, H_kv, M + T)
+    if attention_mask is not None:
+        row = _as_bool(attention_mask[:, 0, -1]).expand(batch_size, length)  # (B, L)
+        row = row[:, None].expand(-1, num_kv_heads, -1)
+        keep = keep & torch.cat([row.gather(2, index), row[..., tail_start:]], dim=-1)
+    cache.count(keep.sum(), num_kv_heads)
+    grouped = query.view(batch_size, num_kv_heads, num_heads // num_kv_heads, head_dim)  # (B, H_kv, G, D)
+    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=keep[:, :, None], scale=scaling)
+    return out.reshape(batch_size, num_heads, 1, head_dim).transpose(1, 2), None  # (B, 1, H, D)
+
+
+def _block_attention(
+    cache: ChunkLLMCache,
+    layer_idx: int,
+    adapter_queries: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+) -> tuple[torch.Tensor, None]:
+    """A block of queries (prefill): the same selection as decoding, expressed as a boolean mask."""
+    num_kv_heads, length = key.shape[1], key.shape[2]
+    query_length = query.shape[2]
+    keep = cache.block_keep_mask(layer_idx, adapter_queries)  # (B, H_kv, Lq, L)
+    if attention_mask is None:
+        positions = torch.arange(length, device=key.device)
+        attention_mask = positions[None, :] <= positions[length - query_length :, None]  # (Lq, L) causal
+    keep = keep & _as_bool(attention_mask)
+    real_queries = (cache.block_chunk_of >= 0)[:, None, :, None]
+    cache.count((keep & real_queries).sum(), num_kv_heads)
+    groups = query.shape[1] // num_kv_heads
+    out = F.scaled_dot_product_attention(
+        query,
+        repeat_kv(key, groups),
+        repeat_kv(value, groups),
+        attn_mask=keep.repeat_interleave(groups, dim=1),
+        scale=scaling,
+    )  # (B, H, Lq, D)
+    return out.transpose(1, 2), None
+
+
+AttentionInterface.register(ATTENTION_NAME, chunkllm_attention_forward)
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)  # without it the causal mask is silently None
+
+
+class ChunkLLMQKAdapter(nn.Module):
+    """Q/K adapter of one layer: small projections of the attention input, used only to score chunks."""
+
+    def __init__(self, config: ChunkLLMConfig, layer_idx: int):
+        super().__init__()
+        backbone = config.backbone_config
+        self.layer_idx = layer_idx
+        self.num_key_value_heads = backbone.num_key_value_heads
+        self.adapter_dim = config.adapter_dim
+        width = self.num_key_value_heads * self.adapter_dim
+        self.q_proj = nn.Linear(backbone.hidden_size, width, bias=False)
+        self.k_proj = nn.Linear(backbone.hidden_size, width, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, E) -> adapter queries (scaled by 1/sqrt(d)) and keys, each (B, H_kv, L, d), in float32."""
+        hidden_states = hidden_states.to(self.q_proj.weight.dtype)
+        shape = (*hidden_states.shape[:-1], self.num_key_value_heads, self.adapter_dim)
+        queries = self.q_proj(hidden_states).view(shape).transpose(1, 2) * self.adapter_dim**-0.5
+        keys = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        return queries.float(), keys.float()
+
+
+class ChunkLLMBoundaryAdapter(nn.Module):
+    """Chunk-boundary adapter: a one-hidden-layer classifier on the hidden states entering the bottom layer.
+
+    Reading the bottom layer's input (rather than its output) makes every token's boundary known before any
+    attention runs, so all layers, the bottom one included, can be chunk-selective and block prefill stays causal.
+    """
+
+    def __init__(self, config: ChunkLLMConfig):
+        super().__init__()
+        hidden_size = config.backbone_config.hidden_size
+        self.norm = nn.LayerNorm(hidden_size)
+        self.up = nn.Linear(hidden_size, config.boundary_hidden_size)
+        self.act = nn.GELU()
+        self.out = nn.Linear(config.boundary_hidden_size, 1)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, L, E) -> boundary logits (B, L)."""
+        hidden_states = self.norm(hidden_states.to(self.up.weight.dtype))
+        return self.out(self.act(self.up(hidden_states)))[..., 0].float()
+
+
+def _run_qk_adapter(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of a backbone attention module: adapter outputs of its input, into the ChunkLLM state."""
+    state = kwargs.get("chunkllm_cache")
+    if state is None:
+        state = kwargs.get("chunkllm_distillation")
+    if state is not None:
+        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        state.adapter_states[module.layer_idx] = kwargs["chunkllm_adapters"][module.layer_idx](hidden_states)
+
+
+def _hook_attention_inputs(backbone: PreTrainedModel) -> None:
+    """Install `_run_qk_adapter` once per attention module (several wrappers may share one backbone)."""
+    for layer in backbone.base_model.layers:
+        if not getattr(layer.self_attn, "_chunkllm_hooked", False):
+            layer.self_attn.register_forward_pre_hook(_run_qk_adapter, with_kwargs=True)
+            layer.self_attn._chunkllm_hooked = True
+
+
+def check_backbone(backbone: PreTrainedModel) -> None:
+    """`ValueError` unless `backbone` is a decoder with rotary attention, a KV cache and the v5 attention interface."""
+    config, name = backbone.config, type(backbone).__name__
+    if getattr(config, "rope_parameters", None) is None or not hasattr(backbone.base_model, "rotary_emb"):
+        raise ValueError(
+            f"ChunkLLM needs a decoder with rotary attention (Llama, Qwen2, Mistral families); {name} "
+            f"(model_type={config.model_type!r}) has no rotary embedding."
+        )
+    if "past_key_values" not in inspect.signature(backbone.forward).parameters:
+        raise ValueError(
+            f"ChunkLLM needs a backbone with a KV cache; {name} (model_type={config.model_type!r}) takes no "
+            "`past_key_values` (encoders cannot be used)."
+        )
+    layers = getattr(backbone.base_model, "layers", None)
+    attentions = [getattr(layer, "self_attn", None) for layer in layers or []]
+    if not attentions or any(not hasattr(attn, "num_key_value_groups") for attn in attentions):
+        raise ValueError(f"ChunkLLM expects `{name}.base_model.layers[i].self_attn` with grouped-query attention")
+
+
+class ChunkLLMPreTrainedModel(PreTrainedModel):
+    config_class = ChunkLLMConfig
+    base_model_prefix = "chunkllm"
+    supports_gradient_checkpointing = False
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    accepts_loss_kwargs = False  # losses are means over tokens of the batch
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # only the adapters: the backbone keeps its pretrained weights (its modules are already initialised)
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+
+class ChunkLLMForCausalLM(ChunkLLMPreTrainedModel, GenerationMixin):
+    r"""
+    A frozen causal LM with ChunkLLM adapters: per-layer Q/K adapters score chunks of the KV cache, a boundary
+    adapter on the bottom layer closes chunks, and each attention layer reads only the sink tokens, the current
+    chunk and the `top_k_chunks` best closed chunks per KV head. The selection is recomputed only at chunk starts
+    (right after a boundary). `kv_retention` holds the fraction of visible keys read by the last call.
+
+    Paper: ChunkLLM: A Lightweight Pluggable Framework for Accelerating LLMs Inference (Ouyang et al., 2025,
+    arXiv:2510.02361).
+
+    Example:
+
+    ```python
+    >>> from hf_efficient.models import ChunkLLMForCausalLM
+    >>> model = ChunkLLMForCausalLM.from_backbone("path/to/llama", top_k_chunks=8, sink_tokens=4)
+    >>> out = model.generate(input_ids, max_new_tokens=32)
+    >>> model.kv_retention
+    0.47
+    ```
+    """
+
+    def __init__(self, config: ChunkLLMConfig, backbone: PreTrainedModel | None = None):
+        super().__init__(config)
+        if backbone is None:
+            backbone = AutoModelForCausalLM.from_config(config.backbone_config)
+        check_backbone(backbone)
+        self.backbone = backbone
+        self.backbone.requires_grad_(False)
+        self.backbone.set_attn_implementation(ATTENTION_NAME)
+        self.boundary_adapter = ChunkLLMBoundaryAdapter(config)
+        num_layers = config.backbone_config.num_hidden_layers
+        self.qk_adapters = nn.ModuleList([ChunkLLMQKAdapter(config, layer_idx) for layer_idx in range(num_layers)])
+        _hook_attention_inputs(self.backbone)
+        self.kv_retention = 1.0
+        self.post_init()
+
+    @classmethod
+    def from_backbone(
+        cls,
+        backbone_or_path: PreTrainedModel | str | os.PathLike,
+        *,
+        top_k_chunks: int = 8,
+        sink_tokens: int = 4,
+        backbone_kwargs: dict | None = None,
+        **config_kwargs,
+    ) -> "ChunkLLMForCausalLM":
+        r"""
+        Wrap a causal LM (or load one) with fresh ChunkLLM adapters; the backbone is frozen.
+
+        Args:
+            backbone_or_path (`PreTrainedModel` or `str`): the backbone, or where `AutoModelForCausalLM` loads it.
+            top_k_chunks (`int`, *optional*, defaults to 8): closed chunks kept per KV head.
+            sink_tokens (`int`, *optional*, defaults to 4): first tokens always attended.
+            backbone_kwargs (`dict`, *optional*): `from_pretrained` arguments for the backbone, e.g.
+                `{"quantization_config": BitsAndBytesConfig(load_in_4bit=True)}`.
+            **config_kwargs: other [`ChunkLLMConfig`] fields (`adapter_dim`, `boundary_threshold`, ...).
+        """
+        if isinstance(backbone_or_path, (str, os.PathLike)):
+            backbone = AutoModelForCausalLM.from_pretrained(backbone_or_path, **(backbone_kwargs or {}))
+            name_or_path = str(backbone_or_path)
+        else:
+            backbone, name_or_path = backbone_or_path, backbone_or_path.config._name_or_path or None
+        check_backbone(backbone)
+        backbone_config = backbone.config.to_dict()
+        backbone_config.pop("quantization_config", None)  # the saved wrapper holds plain weights
+        config = ChunkLLMConfig(
+            backbone_config=backbone_config,
+            backbone_name_or_path=name_or_path,
+            top_k_chunks=top_k_chunks,
+            sink_tokens=sink_tokens,
+            bos_token_id=backbone.config.bos_token_id,
+            eos_token_id=backbone.config.eos_token_id,
+            pad_token_id=backbone.config.pad_token_id,
+            **config_kwargs,
+        )
+        model = cls(config, backbone=backbone)
+        model.generation_config = backbone.generation_config
+        device = backbone.get_input_embeddings().weight.device
+        model.boundary_adapter.to(device)  # only the adapters move: a quantized backbone refuses `.to`
+        model.qk_adapters.to(device)
+        return model
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.backbone.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.backbone.get_output_embeddings()
+
+    def new_cache(self) -> ChunkLLMCache:
+        """An empty [`ChunkLLMCache`] sized for the backbone."""
+        config = self.config
+        return ChunkLLMCache(config.backbone_config.num_hidden_layers, config.top_k_chunks, config.sink_tokens)
+
+    def boundary_probabilities(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Probability that each token closes its chunk, `(B, L)`."""
+        return self.boundary_adapter(self.get_input_embeddings()(input_ids)).sigmoid()
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
+        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
+            model_kwargs["past_key_values"] = self.new_cache()
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: ChunkLLMCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        boundary_labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(B, L)`): token ids (or `inputs_embeds` of shape `(B, L, E)`).
+            attention_mask (`torch.Tensor` of shape `(B, past + L)`, *optional*): 1 for real tokens (left padding).
+            past_key_values (`ChunkLLMCache`, *optional*): created when absent (see `new_cache`).
+            labels (`torch.LongTensor` of shape `(B, L)`, *optional*): next-token targets for the LM loss.
+            boundary_labels (`torch.Tensor` of shape `(B, L)`, *optional*): training mode. 1 where a token closes a
+                chunk (rule labels); the loss is then the attention-distillation KL of the Q/K adapters plus
+                `boundary_loss_weight` times the boundary BCE, with full attention in the backbone.
+            logits_to_keep (`int`, *optional*, defaults to 0): keep the logits of the last tokens only (0 = all).
+        """
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, L, E)
+        boundary_logits = self.boundary_adapter(inputs_embeds)  # (B, L)
+        if boundary_labels is not None:
+            return self._distillation_forward(inputs_embeds, boundary_logits, boundary_labels, **kwargs)
+        if past_key_values is None:
+            past_key_values = self.new_cache()
+        elif not isinstance(past_key_values, ChunkLLMCache):
+            raise ValueError(
+                f"past_key_values={type(past_key_values).__name__} is not a ChunkLLMCache; pass None or "
+                "`model.new_cache()`."
+            )
+        cache, length = past_key_values, inputs_embeds.shape[1]
+        real = torch.ones_like(boundary_logits, dtype=torch.bool)
+        if attention_mask is not None:
+            real = attention_mask[:, -length:].bool()
+        fires = boundary_logits > torch.logit(torch.tensor(self.config.boundary_threshold)).item()
+
+        block, logits = self.config.prefill_block_size, []
+        for start in range(0, length, block):
+            end = min(start + block, length)
+            cache.begin_block(fires[:, start:end], real[:, start:end])
+            mask = None if attention_mask is None else attention_mask[:, : attention_mask.shape[1] - length + end]
+            outputs = self.backbone(
+                inputs_embeds=inputs_embeds[:, start:end],
+                attention_mask=mask,
+                position_ids=None if position_ids is None else position_ids[:, start:end],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=logits_to_keep if end == length or logits_to_keep == 0 else 1,
+                chunkllm_cache=cache,
+                chunkllm_adapters=self.qk_adapters,
+                **kwargs,
+            )
+            if end == length or logits_to_keep == 0:
+                logits.append(outputs.logits)
+        logits = torch.cat(logits, dim=1)  # (B, L or logits_to_keep, V)
+        self.kv_retention = cache.kv_retention
+
+        loss = None
+        if labels is not None:
+            shifted = labels[:, 1:].reshape(-1).to(logits.device)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted, ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
+
+    def _distillation_forward(
+        self, inputs_embeds: torch.Tensor, boundary_logits: torch.Tensor, boundary_labels: torch.Tensor, **kwargs
+    ) -> CausalLMOutputWithPast:
+        """Backbone with full attention; loss = mean KL over layers + boundary_loss_weight * BCE."""
+        kwargs.pop("num_items_in_batch", None)
+        distillation = ChunkLLMDistillation(boundary_labels)
+        self.backbone(
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            chunkllm_distillation=distillation,
+            chunkllm_adapters=self.qk_adapters,
+            **kwargs,
+        )
+        kl = torch.stack(distillation.losses).mean()
+        bce = F.binary_cross_entropy_with_logits(boundary_logits, boundary_labels.float())
+        loss = kl + self.config.boundary_loss_weight * bce
+        return CausalLMOutputWithPast(loss=loss, logits=boundary_logits[..., None])
+
+
+ChunkLLMConfig.register_for_auto_class()
+ChunkLLMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = ["ChunkLLMCache", "ChunkLLMForCausalLM", "ChunkLLMPreTrainedModel", "chunkllm_attention_forward"]

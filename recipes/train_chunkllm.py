@@ -1,0 +1,168 @@
+"""Train ChunkLLM adapters on a frozen backbone: attention distillation for the Q/K adapters + boundary BCE.
+
+For every layer, the backbone's attention of each token (averaged over the query heads of a KV group) is summed
+over the closed chunks before it; the Q/K adapters learn to reproduce that chunk distribution (KL). Chunks come
+from a rule (`--rule sentence`: a token containing a newline or ending in `.`, `!`, `?`; `--rule line`: a token
+containing a newline), which is also the target of the boundary adapter (BCE). Only adapter parameters train.
+
+```bash
+python recipes/train_chunkllm.py --output-dir runs/chunkllm                       # reference target, resumable
+accelerate launch recipes/train_chunkllm.py --backbone path/to/llama --output-dir runs/chunkllm --max-steps 500
+hf-efficient train train_chunkllm -- --output-dir runs/chunkllm --seq-len 1024 --top-k-chunks 16
+```
+
+Checkpoints go to `--output-dir/checkpoint-*` and a rerun resumes from the last one; the trained wrapper
+(adapters + backbone, loadable with `AutoModelForCausalLM`), its tokenizer and a model card go to `--output-dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+RULES = ("sentence", "line")
+
+
+def boundary_label_table(tokenizer, rule: str = "sentence") -> torch.Tensor:
+    """`(V,)` boolean table: does token id `i` close a chunk under `rule` (`"sentence"` or `"line"`)."""
+    if rule not in RULES:
+        raise ValueError(f"rule={rule!r} is not one of {RULES}")
+    table = torch.zeros(len(tokenizer), dtype=torch.bool)
+    for token_id in range(len(tokenizer)):
+        text = tokenizer.decode([token_id])
+        closes = "\n" in text
+        if rule == "sentence":
+            closes = closes or text.rstrip(" ").endswith((".", "!", "?"))
+        table[token_id] = closes
+    return table
+
+
+class BoundaryDataset(torch.utils.data.Dataset):
+    """Fixed-length blocks of the tokenized texts with their rule labels: `{"input_ids", "boundary_labels"}`."""
+
+    def __init__(self, texts: list[str], tokenizer, seq_len: int, rule: str) -> None:
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        stream = [token for text in texts for token in [*tokenizer(text, add_special_tokens=False).input_ids, *eos]]
+        if len(stream) < seq_len:
+            raise ValueError(f"the corpus has {len(stream)} tokens, fewer than seq_len={seq_len}")
+        self.blocks = torch.tensor(stream[: len(stream) // seq_len * seq_len]).view(-1, seq_len)  # (N, L)
+        self.labels = boundary_label_table(tokenizer, rule)[self.blocks].float()  # (N, L)
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.blocks[index], "boundary_labels": self.labels[index]}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output-dir", type=Path, required=True, help="checkpoints and the trained model")
+    parser.add_argument("--backbone", help="backbone path or Hub id (default: the reference target)")
+    parser.add_argument("--text-file", type=Path, help="training text (default: the reference corpus train split)")
+    parser.add_argument("--rule", choices=RULES, default="sentence", help="boundary labelling rule")
+    parser.add_argument("--seq-len", type=int, default=512, help="training sequence length in tokens")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-steps", type=int, default=300)
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--top-k-chunks", type=int, default=8)
+    parser.add_argument("--sink-tokens", type=int, default=4)
+    parser.add_argument("--adapter-dim", type=int, default=32)
+    parser.add_argument("--boundary-loss-weight", type=float, default=1.0)
+    parser.add_argument("--max-documents", type=int, default=400, help="reference-corpus documents to use")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def _backbone_and_tokenizer(name_or_path: str | None):
+    from transformers import AutoTokenizer
+
+    if name_or_path is None:
+        from hf_efficient.reference import reference_model, reference_model_path
+
+        reference_model("target")  # builds it into the cache when missing
+        name_or_path = str(reference_model_path("target"))
+    return name_or_path, AutoTokenizer.from_pretrained(name_or_path)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Train the adapters of `--backbone` into `--output-dir`; returns the output folder."""
+    from transformers import Trainer, TrainingArguments, default_data_collator
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from hf_efficient.hub import render_model_card
+    from hf_efficient.models import ChunkLLMForCausalLM
+
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    backbone, tokenizer = _backbone_and_tokenizer(args.backbone)
+    if args.text_file is not None:
+        texts = [args.text_file.read_text()]
+    else:
+        from hf_efficient.reference import reference_corpus
+
+        texts = reference_corpus("train", "all")[: args.max_documents]
+    dataset = BoundaryDataset(texts, tokenizer, args.seq_len, args.rule)
+    model = ChunkLLMForCausalLM.from_backbone(
+        backbone,
+        top_k_chunks=args.top_k_chunks,
+        sink_tokens=args.sink_tokens,
+        adapter_dim=args.adapter_dim,
+        boundary_loss_weight=args.boundary_loss_weight,
+    )
+    model.config.backbone_name_or_path = str(backbone)
+    training_args = TrainingArguments(
+        output_dir=str(args.output_dir),
+        per_device_train_batch_size=args.batch_size,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, args.max_steps // 20),
+        logging_steps=max(1, args.max_steps // 20),
+        save_steps=max(25, args.max_steps // 4),
+        save_total_limit=1,
+        label_names=["boundary_labels"],
+        seed=args.seed,
+        dataloader_num_workers=0,
+        report_to="none",
+        disable_tqdm=args.quiet,
+    )
+    trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=default_data_collator)
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=get_last_checkpoint(str(args.output_dir)))
+    if trainer.is_world_process_zero():
+        trainer.save_model(str(args.output_dir))
+        tokenizer.save_pretrained(args.output_dir)
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        record = {
+            "backbone": str(backbone),
+            "rule": args.rule,
+            "seq_len": args.seq_len,
+            "steps": args.max_steps,
+            "train_seconds": time.perf_counter() - start,
+            "final_loss": losses[-1] if losses else None,
+            "adapter_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        }
+        (args.output_dir / "chunkllm_training.json").write_text(json.dumps(record, indent=2))
+        card = render_model_card(
+            "chunkllm",
+            backbone=str(backbone),
+            adapter_parameters=f"{record['adapter_parameters']:,}",
+            top_k_chunks=str(args.top_k_chunks),
+            sink_tokens=str(args.sink_tokens),
+            rule=args.rule,
+            dataset=str(args.text_file or "hf_efficient reference corpus (train split)"),
+            training_details=f"{args.max_steps} steps of {args.batch_size} x {args.seq_len} tokens with "
+            "`recipes/train_chunkllm.py`.",
+        )
+        card.save(args.output_dir / "README.md")
+    return args.output_dir
+
+
+if __name__ == "__main__":
+    main()

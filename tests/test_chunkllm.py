@@ -1,0 +1,264 @@
+"""ChunkLLM adapters: exactness with selection off, selective attention consistency, training, save/load, errors."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from factories import ARCHITECTURES, tiny_causal_lm
+from transformers import AutoModelForCausalLM
+
+from hf_efficient.models import ChunkLLMConfig, ChunkLLMForCausalLM
+from hf_efficient.models.chunkllm import ChunkLLMCache
+
+
+def _prompt(batch_size: int = 2, length: int = 40, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(3, 90, (batch_size, length), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :pad] = 0
+    return input_ids.masked_fill(attention_mask == 0, 0), attention_mask
+
+
+def _chunky(backbone, **kwargs) -> ChunkLLMForCausalLM:
+    """A wrapper whose untrained boundary adapter fires on roughly half of the tokens (many short chunks)."""
+    model = ChunkLLMForCausalLM.from_backbone(backbone, **kwargs)
+    with torch.no_grad():
+        model.boundary_adapter.out.bias.zero_()
+    return model
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_selection_covering_all_chunks_equals_backbone(arch):
+    backbone = tiny_causal_lm(arch)
+    model = _chunky(backbone, top_k_chunks=64, sink_tokens=2)
+    input_ids, attention_mask = _prompt(pad=6)
+    with torch.no_grad():
+        assert torch.equal(
+            model(input_ids, attention_mask=attention_mask).logits,
+            backbone(input_ids, attention_mask=attention_mask).logits,
+        )
+    kwargs = dict(attention_mask=attention_mask, max_new_tokens=12, do_sample=False)
+    assert torch.equal(model.generate(input_ids, **kwargs), backbone.generate(input_ids, **kwargs))
+    assert model.kv_retention == 1.0
+
+
+def test_exact_with_tied_embeddings_and_default_chunking():
+    backbone = tiny_causal_lm("qwen2", tie_word_embeddings=True)
+    model = ChunkLLMForCausalLM.from_backbone(backbone, top_k_chunks=100_000)
+    input_ids, _ = _prompt(batch_size=1)
+    kwargs = dict(max_new_tokens=10, do_sample=False)
+    assert torch.equal(model.generate(input_ids, **kwargs), backbone.generate(input_ids, **kwargs))
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_prefill_blocks_and_decoding_select_the_same_keys(arch):
+    """The mask path (prefill, any block size) and the gather path (decoding) implement one selection rule."""
+    model = _chunky(tiny_causal_lm(arch), top_k_chunks=2, sink_tokens=2)
+    input_ids, attention_mask = _prompt(length=36, pad=5)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    real = attention_mask.bool()
+    with torch.no_grad():
+        full = model(input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        assert model.kv_retention < 0.6
+        cache, steps = model.new_cache(), []
+        for start, end in [(0, 20), *((t, t + 1) for t in range(20, 36))]:
+            out = model(
+                input_ids[:, start:end],
+                attention_mask=attention_mask[:, :end],
+                position_ids=position_ids[:, start:end],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            steps.append(out.logits)
+        model.config.prefill_block_size = 7
+        blocks = model(input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    torch.testing.assert_close(torch.cat(steps, dim=1)[real], full[real], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(blocks[real], full[real], rtol=1e-4, atol=1e-4)
+    backbone_logits = model.backbone(input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    assert not torch.allclose(full[real], backbone_logits[real], atol=1e-3)  # selection is really on
+
+
+def test_wrappers_sharing_a_backbone_keep_their_own_adapters():
+    backbone = tiny_causal_lm("llama")
+    first = _chunky(backbone, top_k_chunks=2, sink_tokens=2)
+    input_ids, _ = _prompt(length=40)
+    with torch.no_grad():
+        before = first(input_ids).logits
+        second = _chunky(backbone, top_k_chunks=2, sink_tokens=2)  # other random adapters, same backbone
+        assert torch.equal(first(input_ids).logits, before)
+        assert not torch.equal(second(input_ids).logits, before)
+
+
+def test_cache_tracks_chunks_and_refuses_crop():
+    model = _chunky(tiny_causal_lm("llama"), top_k_chunks=1, sink_tokens=3)
+    input_ids, attention_mask = _prompt(length=30, pad=4)
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+    assert cache.get_seq_length() == 30
+    assert (cache.chunk_of[0, :4] == -1).all() and (cache.chunk_of[0, 4:] >= 0).all()
+    assert cache.is_sink.sum(dim=1).tolist() == [3, 3] and cache.is_sink[0, 4:7].all()
+    fires = model.boundary_probabilities(input_ids) > 0.5
+    expected = (fires[1, :-1].long().cumsum(0) + 0).tolist()  # row 1 has no padding: chunk = boundaries before
+    assert cache.chunk_of[1, 1:].tolist() == expected and cache.chunk_of[1, 0] == 0
+    assert 0.0 < cache.kv_retention < 1.0
+    assert not cache.is_croppable
+    with pytest.raises(ValueError, match="cannot be cropped"):
+        cache.crop(-1)
+
+
+def test_foreign_cache_is_refused():
+    from transformers import DynamicCache
+
+    model = ChunkLLMForCausalLM.from_backbone(tiny_causal_lm("llama"))
+    with pytest.raises(ValueError, match="not a ChunkLLMCache"):
+        model(torch.tensor([[5, 6, 7]]), past_key_values=DynamicCache())
+
+
+def test_only_adapters_receive_gradients():
+    model = ChunkLLMForCausalLM.from_backbone(tiny_causal_lm("mistral"), top_k_chunks=2)
+    input_ids, _ = _prompt(length=32)
+    boundary_labels = (input_ids % 5 == 0).float()
+    loss = model(input_ids, boundary_labels=boundary_labels).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, param in model.named_parameters():
+        if name.startswith("backbone."):
+            assert not param.requires_grad and param.grad is None, name
+        else:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_boundary_adapter_learns_rule_boundaries(tmp_path):
+    """Train with the recipe on a tiny corpus; the boundary adapter then fires on the rule's boundaries."""
+    from factories import tiny_tokenizer
+
+    from hf_efficient.recipes.train_chunkllm import boundary_label_table, main
+
+    tokenizer = tiny_tokenizer()
+    backbone = tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    backbone.save_pretrained(tmp_path / "backbone")
+    tokenizer.save_pretrained(tmp_path / "backbone")
+    text = "The cache keeps chunks. Each chunk ends here!\nA new line starts? Yes.\n" * 40
+    (tmp_path / "corpus.txt").write_text(text)
+    main(
+        [
+            f"--backbone={tmp_path / 'backbone'}",
+            f"--text-file={tmp_path / 'corpus.txt'}",
+            f"--output-dir={tmp_path / 'out'}",
+            "--max-steps=25",
+            "--seq-len=48",
+            "--batch-size=4",
+            "--learning-rate=2e-2",
+        ]
+    )
+    assert "ChunkLLM" in (tmp_path / "out" / "README.md").read_text()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert isinstance(model, ChunkLLMForCausalLM)
+    ids = tokenizer(text[:300], return_tensors="pt").input_ids
+    labels = boundary_label_table(tokenizer, "sentence")[ids]
+    fires = model.boundary_probabilities(ids) > model.config.boundary_threshold
+    assert labels.any() and torch.equal(fires, labels.bool())
+
+
+def test_save_pretrained_round_trip_in_process(tmp_path):
+    model = _chunky(tiny_causal_lm("qwen2"), top_k_chunks=2, sink_tokens=2)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(loaded, ChunkLLMForCausalLM) and loaded.config.top_k_chunks == 2
+    input_ids, _ = _prompt(length=40)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids).logits, model(input_ids).logits, rtol=0, atol=0)
+
+
+def test_remote_code_loads_without_hf_efficient(tmp_path):
+    model = _chunky(tiny_causal_lm("llama", tie_word_embeddings=True), top_k_chunks=2, sink_tokens=2)
+    model.save_pretrained(tmp_path / "ckpt")
+    assert {"configuration_chunkllm.py", "modeling_chunkllm.py", "cache_chunkllm.py"} <= {
+        p.name for p in (tmp_path / "ckpt").iterdir()
+    }
+    input_ids, _ = _prompt(length=40)
+    with torch.no_grad():
+        expected = model.generate(input_ids, max_new_tokens=8, do_sample=False)
+    torch.save(input_ids, tmp_path / "ids.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["hf_efficient"] = None  # not importable in this process
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        ids = torch.load({str(tmp_path / "ids.pt")!r})
+        out = model.generate(ids, max_new_tokens=8, do_sample=False)
+        torch.save(out, {str(tmp_path / "out.pt")!r})
+        print("retention", model.kv_retention)
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
+
+
+@pytest.mark.slow
+def test_four_bit_backbone_trains_adapters(tmp_path):
+    from transformers import BitsAndBytesConfig
+
+    tiny_causal_lm("llama", hidden_size=64, intermediate_size=128).save_pretrained(tmp_path)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    model = ChunkLLMForCausalLM.from_backbone(
+        tmp_path, top_k_chunks=2, backbone_kwargs={"quantization_config": quantization}
+    )
+    assert type(model.backbone.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    input_ids, _ = _prompt(length=32)
+    model(input_ids, boundary_labels=(input_ids % 4 == 0).float()).loss.backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert model.boundary_adapter.up.weight.grad is not None
+    assert model.generate(input_ids, max_new_tokens=4, do_sample=False).shape == (2, 36)
+    assert model.kv_retention < 1.0
+
+
+def test_backbones_without_rotary_attention_or_kv_cache_are_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel, ModernBertConfig, ModernBertForMaskedLM
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=64))
+    with pytest.raises(ValueError, match="rotary attention"):
+        ChunkLLMForCausalLM.from_backbone(gpt2)
+    special = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+    bert = ModernBertForMaskedLM(
+        ModernBertConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, **special
+        )
+    )
+    with pytest.raises(ValueError, match="KV cache"):
+        ChunkLLMForCausalLM.from_backbone(bert)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("top_k_chunks", 0), ("sink_tokens", -1), ("boundary_threshold", 1.0), ("adapter_dim", 0)]
+)
+def test_config_validation_names_the_field(field, value):
+    with pytest.raises(ValueError, match=f"{field}={value}"):
+        ChunkLLMConfig(**{field: value})
+
+
+def test_cache_is_a_cache():
+    cache = ChunkLLMCache(num_hidden_layers=2, top_k_chunks=4, sink_tokens=1)
+    assert cache.get_seq_length() == 0 and cache.kv_retention == 1.0
+
+
+@pytest.mark.reference
+@pytest.mark.slow
+def test_benchmark_quick_run():
+    from hf_efficient.bench import chunkllm
+
+    report = chunkllm.run(quick=True)
+    methods = [row["method"] for row in report.rows]
+    assert methods == ["full attention", "ChunkLLM", "StreamingLLM", "SnapKV"]
+    assert 0.0 < report.rows[1]["kv_retention"] < 1.0
