@@ -137,12 +137,26 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.name != "all" and args.name not in bench.available():
         raise UserError(f"unknown benchmark {args.name!r}; available: {', '.join(bench.available())} (or 'all')")
     for name in names:
+        if args.from_results:
+            report = _saved_report(Path(args.out_dir), name, args.device)
+            if args.record:
+                report.record(args.record)
+            print(report.to_markdown())
+            continue
         print(f"== bench {name} ({args.device}) ==", flush=True)
-        report = bench.run(
-            name, args.device, quick=args.quick, out_dir=args.out_dir, record=args.record if args.record else None
-        )
+        report = bench.run(name, args.device, quick=args.quick, out_dir=args.out_dir, record=args.record)
         print(report.to_markdown())
         print(f"wrote {args.out_dir}/{report.stem}.{{json,md,png}}", flush=True)
+
+
+def _saved_report(out_dir: Path, name: str, device: str):
+    from hf_efficient.bench.harness import BenchReport
+
+    stem = name if device == "cpu" else f"{name}-{device}"
+    path = out_dir / f"{stem}.json"
+    if not path.is_file():
+        raise UserError(f"no saved results {path}; run `hf-efficient bench {name}` first")
+    return BenchReport.load(path)
 
 
 def _recipes() -> list[str]:
@@ -190,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
     bench.add_argument("--out-dir", default="bench-results", help="output folder (default: bench-results)")
     bench.add_argument("--record", metavar="BENCHMARKS_MD", help="replace this benchmark's section in the file")
+    bench.add_argument(
+        "--from-results", action="store_true", help="do not run: reuse the saved OUT_DIR/NAME.json (with --record)"
+    )
     bench.set_defaults(func=cmd_bench)
 
     train = sub.add_parser("train", help="run a training recipe from recipes/ (arguments after `--`)")

@@ -64,3 +64,13 @@ def test_record_replaces_its_own_section_only(tmp_path):
 def test_unknown_benchmark_names_the_available_ones():
     with pytest.raises(ValueError, match="baseline"):
         bench.run("nope")
+
+
+def test_loaded_report_records_without_rerunning(tmp_path):
+    report = _report()
+    json_path = report.save(tmp_path / "results")[0]
+    loaded = BenchReport.load(json_path)
+    assert loaded.rows == report.rows and loaded.notes == report.notes and loaded.to_markdown() == report.to_markdown()
+    md = tmp_path / "BENCHMARKS.md"
+    loaded.record(md)
+    assert "| b | 1.5 | 7 |" in md.read_text() and (tmp_path / "docs/benchmarks/unit.png").is_file()

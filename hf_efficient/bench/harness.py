@@ -21,6 +21,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import threading
 import time
@@ -168,6 +169,7 @@ class BenchReport:
         self.rows: list[dict[str, Any]] = []
         self.notes: list[str] = []
         self.plot: Callable[[Any], None] | None = None
+        self.saved_png: Path | None = None  # a plot already drawn, for reports loaded from JSON
         self.machine = machine_info(device)
         self.command = f"hf-efficient bench {name} --device {device}"
 
@@ -240,8 +242,24 @@ class BenchReport:
             "notes": self.notes,
         }
 
+    @classmethod
+    def load(cls, json_path: str | os.PathLike) -> BenchReport:
+        """A report saved by `save` (its PNG beside it is reused), e.g. to record it without re-running."""
+        data = json.loads(Path(json_path).read_text())
+        report = cls(data["name"], data["title"], device=data["machine"]["device"], setup=data["setup"])
+        report.rows, report.notes = data["rows"], data["notes"]
+        report.machine, report.command = data["machine"], data["command"]
+        png = Path(json_path).with_suffix(".png")
+        report.saved_png = png if png.is_file() else None
+        return report
+
     def save_plot(self, path: Path) -> Path:
-        """Draw `self.plot` on a fresh figure and write it as a PNG to `path`."""
+        """Draw `self.plot` on a fresh figure (or copy a loaded report's PNG) and write it to `path`."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if self.plot is None and self.saved_png is not None:
+            if self.saved_png.resolve() != path.resolve():
+                shutil.copyfile(self.saved_png, path)
+            return path
         import matplotlib
 
         matplotlib.use("Agg")
@@ -250,7 +268,6 @@ class BenchReport:
         fig = plt.figure(figsize=(8, 4.5))
         self.plot(fig)
         fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
@@ -262,7 +279,7 @@ class BenchReport:
         paths = [out / f"{self.stem}.json", out / f"{self.stem}.md"]
         paths[0].write_text(json.dumps(self.to_dict(), indent=2, default=str))
         paths[1].write_text(self.to_markdown())
-        if self.plot is not None:
+        if self.plot is not None or self.saved_png is not None:
             paths.append(self.save_plot(out / f"{self.stem}.png"))
         return paths
 
@@ -275,7 +292,7 @@ class BenchReport:
         text = path.read_text() if path.exists() else "# Benchmarks\n"
         begin, end = f"<!-- bench:{self.stem} -->", f"<!-- /bench:{self.stem} -->"
         body = self.to_markdown()
-        if self.plot is not None:
+        if self.plot is not None or self.saved_png is not None:
             png = self.save_plot(path.parent / assets_dir / f"{self.stem}.png")
             body += f"\n![{self.title}]({assets_dir}/{png.name})\n"
         section = f"{begin}\n{body}{end}"
