@@ -9,15 +9,6 @@ from factories import tiny_causal_lm, tiny_tokenizer
 from hf_efficient.tokenization import ByteLevelSampler
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls on a loaded 2-core machine: thread hand-offs cost more than the work
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_vocab():
     """A tiny-vocabulary byte-level BPE (256 bytes + a few merges) so that every cover can be enumerated."""

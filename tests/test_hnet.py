@@ -19,15 +19,6 @@ from hf_efficient.models.hnet.layers_hnet import linear_scan
 TOK = ByteTokenizer()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is several times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # case matrix: the default 1-stage layout (recurrent outer stage) and a 2-stage one with windowed attention
 # in the encoders/decoders and a wider inner stage (pad_dimension)
 CASES = {

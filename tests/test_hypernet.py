@@ -17,14 +17,6 @@ from hf_efficient.tokenization import DynamicBPE, RetrofittedModel
 SMALL = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()  # tiny models on a loaded 2-core machine: thread hand-offs dominate
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _hypernet(model, **overrides):
     return EmbeddingHypernetwork.for_base_model(model, **SMALL, **overrides).eval()
 
