@@ -14,7 +14,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-__all__ = ["model_card_template", "render_model_card"]
+__all__ = ["export_custom_generate", "model_card_template", "render_model_card"]
 
 MODEL_CARDS_DIR = Path(__file__).resolve().parent / "model_cards"  # symlink to the repo's model_cards/
 
@@ -49,3 +49,46 @@ def render_model_card(
         tags=["hf_efficient", family, *(tags or [])],
     )
     return ModelCard.from_template(card_data, template_path=str(model_card_template(family)), **fields)
+
+
+_CUSTOM_GENERATE_PY = '''"""`generate(custom_generate=REPO, trust_remote_code=True)` entry point (by hf_efficient).
+
+The strategy (settings, learned state, drafter) lives in this `custom_generate/` folder of the model repo.
+"""
+
+import os
+
+from hf_efficient.speculative.export import load_strategy
+
+
+def _strategy_folder(model):
+    local = os.path.join(str(model.name_or_path), "custom_generate")
+    if os.path.isdir(local):
+        return local
+    from huggingface_hub import snapshot_download
+
+    return os.path.join(snapshot_download(model.name_or_path, allow_patterns=["custom_generate/*"]), "custom_generate")
+
+
+def generate(model, **kwargs):
+    strategy = load_strategy(_strategy_folder(model), device=model.device)
+    return model.generate(custom_generate=strategy, **kwargs)
+'''
+
+
+def export_custom_generate(strategy, path: str | Path) -> Path:
+    """Write a Hub `custom_generate/` folder (`generate.py`, `requirements.txt`, the strategy's state) into the
+    model repository folder `path`, so `model.generate(custom_generate=path, trust_remote_code=True)` (or the Hub
+    repo once pushed) runs `strategy`. Save the target model into the same folder (`save_pretrained(path)`):
+    the entry point finds the strategy through `model.name_or_path`.
+
+    Args:
+        strategy (`TokenRecycling` or `DraftModel`): the strategy, with its learned state and drafter.
+        path (`str` or `Path`): the model repository folder.
+    """
+    from hf_efficient.speculative.export import save_strategy
+
+    folder = save_strategy(strategy, Path(path) / "custom_generate")
+    (folder / "generate.py").write_text(_CUSTOM_GENERATE_PY)
+    (folder / "requirements.txt").write_text("hf-efficient\n")
+    return folder
