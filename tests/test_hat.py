@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_hnet import (  # noqa: F401  (_one_thread: the module-wide single-thread fixture)
+from test_hnet import (
     PROMPTS,
     TOK,
-    _one_thread,
     check_trainer_lowers_loss,
     greedy,
     remote_round_trip,

@@ -19,16 +19,6 @@ from hf_efficient.hub import export_custom_generate
 from hf_efficient.speculative import AcceptanceHead, DraftModel, TokenRecycling, trim_drafter_vocab
 from hf_efficient.speculative.tree import DraftTree, expected_accepted, tree_template
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids spin-wait contention (~100x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 DRAFTERS = {
     "recycling": lambda target, arch: TokenRecycling(topk=4, tree=12),
     "draft-tree": lambda target, arch: DraftModel(
