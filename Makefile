@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 # pytest workers; each uses one torch thread so the workers do not fight over the cores
 WORKERS ?= 2
 
-.PHONY: install reference demo test lint bench clean
+.PHONY: install reference demo test test-slow lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ lint: install
 
 test: reference lint
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(WORKERS) --dist loadfile
+
+# long tests (recipes under accelerate, quick benchmark runs); CI runs them after `make test`
+test-slow: reference
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(WORKERS) --dist loadfile -m slow
 
 bench: reference
 	$(BIN)/hf-efficient bench all --record BENCHMARKS.md

@@ -260,5 +260,6 @@ def test_benchmark_quick_run():
 
     report = chunkllm.run(quick=True)
     methods = [row["method"] for row in report.rows]
-    assert methods == ["full attention", "ChunkLLM", "StreamingLLM", "SnapKV"]
-    assert 0.0 < report.rows[1]["kv_retention"] < 1.0
+    chunk_rows = [row for row in report.rows if row["method"].startswith("ChunkLLM k=")]
+    assert methods[0] == "full attention" and methods[-2:] == ["StreamingLLM", "SnapKV"]
+    assert chunk_rows and all(0.0 < row["kv_retention"] < 1.0 for row in chunk_rows)
