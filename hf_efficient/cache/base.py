@@ -9,6 +9,7 @@ decoder layer of `config` and validates the hyperparameters. Two families build 
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 
 import torch
@@ -36,9 +37,9 @@ def head_dim_of(config: PreTrainedConfig) -> int:
 class MeasuredLayer(CacheLayerMixin):
     """A cache layer that knows its real storage in bytes."""
 
+    @abc.abstractmethod
     def nbytes(self) -> int:
         """Bytes held by this layer (every tensor it keeps, packed codes and bookkeeping included)."""
-        raise NotImplementedError
 
 
 class CompressedKVCache(Cache):

@@ -12,6 +12,7 @@ causal/padding mask applies unchanged. Attention runs on the dequantised history
 
 from __future__ import annotations
 
+import abc
 from typing import Protocol
 
 import torch
@@ -55,13 +56,13 @@ class ResidualCompressedLayer(MeasuredLayer):
         self.key_store: CompressedBlock | None = None  # every compressed block, (B, n_blocks, H_kv, R, D)
         self.value_store: CompressedBlock | None = None
 
+    @abc.abstractmethod
     def compress_keys(self, keys: torch.Tensor) -> CompressedBlock:
         """Compresses a key block `(B, 1, H_kv, R, D)`."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def compress_values(self, values: torch.Tensor) -> CompressedBlock:
         """Compresses a value block `(B, 1, H_kv, R, D)`."""
-        raise NotImplementedError
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device

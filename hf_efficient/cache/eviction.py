@@ -14,6 +14,7 @@ keeps the top `budget` slots in position order and masks attention itself, so:
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 import torch
@@ -47,9 +48,9 @@ class EvictionLayer(MeasuredLayer):
 
     # -- method hooks -------------------------------------------------------------------------------------------
 
+    @abc.abstractmethod
     def score(self) -> torch.Tensor:
         """Keep priority of every slot `(B, H_kv, L)`; higher is kept. Recency and padding are handled by the base."""
-        raise NotImplementedError
 
     def observe(self, query: torch.Tensor, mask: torch.Tensor, scaling: float) -> None:
         """Records what `score()` needs from this forward's queries `(B, H, q, D)` and visibility `(B, H_kv, q, L)`."""

@@ -12,6 +12,7 @@ Subclasses implement `draft()` (and optionally `start()` / `observe()`); see `To
 
 from __future__ import annotations
 
+import abc
 import inspect
 from dataclasses import dataclass
 
@@ -90,7 +91,7 @@ class DecodingState:
         return self.sequences.gather(1, (self.lengths - 1)[:, None]).squeeze(1)
 
 
-class SpeculativeDecoder:
+class SpeculativeDecoder(abc.ABC):
     """Base class of the speculative strategies: the one verification engine.
 
     An instance is a callable for `model.generate(**inputs, custom_generate=strategy, ...)`. It supports greedy
@@ -111,14 +112,14 @@ class SpeculativeDecoder:
         self.stats = SpeculativeStats()
 
     # ----- drafter hooks ---------------------------------------------------------------------------------
-    def start(self, model: PreTrainedModel, state: DecodingState) -> None:
+    def start(self, model: PreTrainedModel, state: DecodingState) -> None:  # noqa: B027 (optional hook: no-op by default)
         """Called once per `generate` call after the prefill (warm starts, drafter prefill)."""
 
+    @abc.abstractmethod
     def draft(self, model: PreTrainedModel, state: DecodingState) -> DraftTree:
         """Propose a draft tree per row, rooted at `state.roots`."""
-        raise NotImplementedError(f"{type(self).__name__} must implement draft()")
 
-    def observe(
+    def observe(  # noqa: B027 (optional hook: no-op by default)
         self, state: DecodingState, tree: DraftTree, logits: torch.Tensor, path: torch.LongTensor, num_accepted
     ) -> None:
         """Called after each verification with the raw target `logits` `(B, T, V)` and the accepted `path`."""

@@ -15,6 +15,7 @@ that is cropped back to the shared prefix between evaluations (and between succe
 
 from __future__ import annotations
 
+import abc
 import bisect
 from collections.abc import Sequence
 
@@ -67,11 +68,12 @@ class _PrefixScorer:
         return self.cumulative[-1], self.last
 
 
-class _ByteGeneration:
+class _ByteGeneration(abc.ABC):
     """Byte-level greedy / sampled generation on top of `next_byte_distribution`."""
 
+    @abc.abstractmethod
     def next_byte_distribution(self, text: str | bytes) -> torch.Tensor:
-        raise NotImplementedError
+        """The exact next-byte distribution `(256,)` after `text`."""
 
     def generate(
         self,
