@@ -124,6 +124,13 @@ def build_model(config: ReferenceConfig, vocab_size: int):
     return model
 
 
+def bf16_supported() -> bool:
+    """Whether bf16 autocast is fast here: a CUDA GPU with bf16, or a CPU with native bf16 (AVX512-BF16/AMX)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def train_model(
     config: ReferenceConfig,
     tokenizer_dir: Path,
@@ -167,6 +174,8 @@ def train_model(
         dataloader_num_workers=0,
         report_to="none",
         disable_tqdm=not progress,
+        bf16=config.bf16 and bf16_supported(),
+        use_cpu=not torch.cuda.is_available(),  # Trainer refuses CPU bf16 autocast without it
     )
     trainer = Trainer(
         model=model,
@@ -197,8 +206,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokenizer-dir", type=Path, help="tokenizer folder (default: the cached reference one)")
     for field in dataclasses.fields(ReferenceConfig):  # every knob, e.g. --max-steps 20 for a smoke run
         if field.name != "description":
-            kind = {"int": int, "float": float}[str(field.type)]
-            parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, help=f"override {field.name}")
+            flag, kind = f"--{field.name.replace('_', '-')}", str(field.type)
+            if kind == "bool":
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"override {field.name}")
+            else:
+                parser.add_argument(flag, type={"int": int, "float": float}[kind], help=f"override {field.name}")
     return parser.parse_args(argv)
 
 

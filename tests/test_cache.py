@@ -79,6 +79,7 @@ def test_gear_corrections_reduce_quantization_error():
     x[0, 0, 3, 5] = 40.0  # an outlier
     plain = gear_compress(x, 4, 64, -2, rank=0, outlier_ratio=0.0)
     gear = gear_compress(x, 4, 64, -2, rank=4, outlier_ratio=0.02)
+    assert gear.left.shape == (1, 64, 4) and gear.right.shape == (1, 2 * 32, 4)  # one fit across both heads
     assert (gear.dequantize() - x).norm() < 0.75 * (plain.dequantize() - x).norm()
     assert torch.equal(gear.dequantize(), gear_compress(x, 4, 64, -2, rank=4, outlier_ratio=0.02).dequantize())
 

@@ -195,3 +195,9 @@ def test_reference_models_share_a_tokenizer_and_beat_gzip():
         texts = [doc[:1500] for doc in reference_corpus("validation", kind)[:4]]
         assert all(tokenizer.decode(tokenizer(t)["input_ids"], skip_special_tokens=True) == t for t in texts)
         assert bits_per_byte(target, tokenizer, texts) < gzip_bits_per_byte(texts)
+
+
+def test_recipe_cli_boolean_fields_override_only_when_given():
+    assert train_reference.parse_args(["--output-dir", "run", "--no-bf16"]).bf16 is False
+    assert train_reference.parse_args(["--output-dir", "run", "--bf16"]).bf16 is True
+    assert train_reference.parse_args(["--output-dir", "run"]).bf16 is None  # the model's own setting applies

@@ -99,6 +99,27 @@ def test_eager_attention_and_tied_embeddings():
         assert torch.equal(target.generate(**inputs, max_new_tokens=20, custom_generate=strategy), expected)
 
 
+def test_prefix_and_length_processors_match_plain_generate():
+    """Processors reading each node's prefix (repetition penalty, n-gram ban) or only its length (min new
+    tokens, the EOS ban) act at every tree node exactly as plain generate applies them token by token."""
+    target = tiny_causal_lm("llama")
+    inputs = _prompts(3)
+    plain = target.generate(**inputs, max_new_tokens=12, do_sample=False)
+    eos = int(plain[1, inputs["input_ids"].shape[1] + 2])  # an early token of row 1: banned until 8 new tokens
+    kwargs = dict(
+        max_new_tokens=20,
+        min_new_tokens=8,
+        eos_token_id=eos,
+        pad_token_id=0,
+        repetition_penalty=1.3,
+        no_repeat_ngram_size=3,
+        do_sample=False,
+    )
+    expected = target.generate(**inputs, **kwargs)
+    for strategy in (TokenRecycling(topk=4, tree=12), DraftModel(target, max_depth=4, stop_threshold=None)):
+        assert torch.equal(target.generate(**inputs, custom_generate=strategy, **kwargs), expected)
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_eos_mid_draft_and_exact_length(batch):
     target = tiny_causal_lm("llama")
@@ -258,6 +279,9 @@ def test_clear_errors():
         target.generate(**inputs, past_key_values=cache, max_new_tokens=4, custom_generate=TokenRecycling())
     with pytest.raises(ValueError, match="KV cache"):
         target.generate(**inputs, use_cache=False, max_new_tokens=4, custom_generate=TokenRecycling())
+    with pytest.raises(ValueError, match="prefix_allowed_tokens_fn"):
+        allowed = lambda batch_id, ids: [5, 6]  # noqa: E731
+        target.generate(**inputs, prefix_allowed_tokens_fn=allowed, max_new_tokens=4, custom_generate=TokenRecycling())
     with pytest.raises(ValueError, match="universal assisted generation"):
         other = tiny_causal_lm("llama", vocab_size=128)
         target.generate(**inputs, max_new_tokens=4, custom_generate=DraftModel(other))

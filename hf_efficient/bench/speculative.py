@@ -25,10 +25,11 @@ SAMPLING = {"do_sample": True, "temperature": 0.8}
 
 
 def distilled_drafter_path() -> Path:
-    """Where `recipes/distill_drafter.py` saves the distilled reference drafter by default."""
+    """Where `recipes/distill_drafter.py` saves the distilled reference drafter by default (keyed by both the
+    student's and the teacher's recipe, so a retrained target or drafter is distilled again)."""
     from hf_efficient.reference import cache_dir, reference_key
 
-    return cache_dir() / f"drafter-distilled-{reference_key('drafter')}"
+    return cache_dir() / f"drafter-distilled-{reference_key('drafter')}-from-{reference_key('target')}"
 
 
 def _methods(drafters: dict[str, torch.nn.Module], batch: int) -> dict[str, dict[str, Any]]:

@@ -17,7 +17,7 @@ from transformers import PreTrainedConfig
 
 from ..compat import Cache, CacheLayerMixin
 
-__all__ = ["CompressedKVCache", "MeasuredLayer", "head_dim_of", "tensor_nbytes"]
+__all__ = ["CompressedKVCache", "MeasuredLayer", "head_dim_of", "kv_heads_of", "tensor_nbytes"]
 
 
 def tensor_nbytes(*tensors: torch.Tensor | None) -> int:
@@ -32,6 +32,12 @@ def head_dim_of(config: PreTrainedConfig) -> int:
     config = config.get_text_config(decoder=True)
     head_dim = getattr(config, "head_dim", None)
     return head_dim if head_dim is not None else config.hidden_size // config.num_attention_heads
+
+
+def kv_heads_of(config: PreTrainedConfig) -> int:
+    """The number of key-value heads of a decoder config (`num_key_value_heads`, else `num_attention_heads`)."""
+    config = config.get_text_config(decoder=True)
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
 class MeasuredLayer(CacheLayerMixin):

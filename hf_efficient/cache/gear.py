@@ -1,13 +1,15 @@
 """GEAR: quantisation plus a low-rank and a sparse correction of its error.
 
-Each `(R, D)` block of keys or values (per batch row and KV head) is stored as
+Each block of `R` tokens' keys or values (per batch row; `(H_kv, R, D)`) is stored as
 `X ≈ Quant_b(X - S) + P Qᵀ + S`:
 
 1. **S** — the `outlier_ratio / 2` largest and smallest entries are kept exactly (indices + values) and
    replaced by the block mean before quantisation, so they do not stretch the quantisation range;
 2. **Quant_b** — KIVI-style group-wise asymmetric quantisation (keys per channel, values per token);
 3. **P Qᵀ** — a rank-`rank` approximation of the remaining quantisation error by subspace (power) iteration,
-   started from a fixed seed so compression is deterministic.
+   started from a fixed seed so compression is deterministic. As in the paper, the error is one `(R, H_kv·D)`
+   matrix per block (tokens × all KV heads' channels), so the factors cost `rank·(R + H_kv·D)` numbers per block
+   rather than `rank·(R + D)` per head: on small heads (D = 32) per-head factors would cost more than the codes.
 
 `outlier_ratio=0` gives GEAR-L (quantisation + low rank); `rank=0` drops the low-rank term.
 
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedConfig
 
-from .base import CompressedKVCache, head_dim_of, tensor_nbytes
+from .base import CompressedKVCache, head_dim_of, kv_heads_of, tensor_nbytes
 from .kivi import KIVILayer, validate_quantization
 from .quantization import QuantizedTensor, auxiliary_dtype, quantize
 
@@ -37,8 +39,8 @@ class GEARBlock:
 
     Attributes:
         quantized (`QuantizedTensor`): the quantised blocks, outliers removed.
-        left (`torch.Tensor` or `None`): low-rank factors `P` `(B, n_blocks, H_kv, R, r)`.
-        right (`torch.Tensor` or `None`): low-rank factors `Q` `(B, n_blocks, H_kv, D, r)`.
+        left (`torch.Tensor` or `None`): low-rank factors `P` `(B, n_blocks, R, r)`.
+        right (`torch.Tensor` or `None`): low-rank factors `Q` `(B, n_blocks, H_kv * D, r)`.
         outlier_index (`torch.Tensor` or `None`): outlier positions in each block `(B, n_blocks, H_kv, s)`.
         outlier_value (`torch.Tensor` or `None`): their exact values `(B, n_blocks, H_kv, s)`.
     """
@@ -52,7 +54,8 @@ class GEARBlock:
     def dequantize(self) -> torch.Tensor:
         x = self.quantized.dequantize().float()  # (B, n_blocks, H_kv, R, D)
         if self.left is not None:
-            x = x + self.left.float() @ self.right.float().transpose(-1, -2)
+            correction = self.left.float() @ self.right.float().transpose(-1, -2)  # (B, n_blocks, R, H_kv * D)
+            x = x + correction.unflatten(-1, (x.shape[-3], x.shape[-1])).movedim(-2, -3)
         if self.outlier_index is not None:
             shape = x.shape
             x = x.flatten(-2).scatter(-1, self.outlier_index.long(), self.outlier_value.float()).view(shape)
@@ -103,7 +106,7 @@ def _low_rank(error: torch.Tensor, rank: int, iterations: int) -> tuple[torch.Te
 def gear_compress(
     x: torch.Tensor, bits: int, group_size: int, dim: int, rank: int, outlier_ratio: float, iterations: int = 3
 ) -> GEARBlock:
-    """Compresses blocks `x` `(..., R, D)` into quantised codes, low-rank factors and sparse outliers.
+    """Compresses blocks `x` `(..., H_kv, R, D)` into quantised codes, low-rank factors and sparse outliers.
 
     Args:
         x (`torch.Tensor`): keys or values of one block, `(B, 1, H_kv, R, D)` in the cache (any leading axes).
@@ -128,10 +131,10 @@ def gear_compress(
     quantized = quantize(dense.to(x.dtype), bits, group_size, dim)
     left = right = None
     if rank > 0:
-        error = dense - quantized.dequantize().float()  # (..., R, D)
+        error = dense - quantized.dequantize().float()  # (..., H_kv, R, D)
         if outlier_index is not None:  # overwritten by the exact outliers anyway
             error = error.flatten(-2).scatter(-1, outlier_index.long(), 0.0).view_as(error)
-        left, right = _low_rank(error, rank, iterations)
+        left, right = _low_rank(error.movedim(-3, -2).flatten(-2), rank, iterations)  # of (..., R, H_kv * D)
         left, right = left.to(aux), right.to(aux)
     return GEARBlock(quantized, left, right, outlier_index, outlier_value)
 
@@ -177,7 +180,8 @@ class GEARCache(CompressedKVCache):
     Args:
         config (`PreTrainedConfig`): the model config.
         bits (`int`, *optional*, defaults to 4): code width, one of 2, 4, 8.
-        rank (`int`, *optional*, defaults to 4): rank of the error correction per block and KV head (0 disables).
+        rank (`int`, *optional*, defaults to 4): rank of the error correction per block, across its KV heads
+            (0 disables).
         outlier_ratio (`float`, *optional*, defaults to 0.02): fraction of entries kept exactly (0 gives GEAR-L).
         group_size (`int`, *optional*, defaults to 64): tokens per key group / channels per value group.
         residual_length (`int`, *optional*, defaults to 64): streaming buffer; a multiple of `group_size`.
@@ -203,9 +207,11 @@ class GEARCache(CompressedKVCache):
         power_iterations: int = 3,
     ):
         value_group = validate_quantization(config, bits, group_size, residual_length)
-        limit = min(residual_length, head_dim_of(config))
+        limit = min(residual_length, head_dim_of(config) * kv_heads_of(config))
         if not 0 <= rank <= limit:
-            raise ValueError(f"rank={rank} must be in [0, min(residual_length, head_dim)={limit}]")
+            raise ValueError(
+                f"rank={rank} must be in [0, min(residual_length, num_key_value_heads * head_dim)={limit}]"
+            )
         if not 0 <= outlier_ratio < 1:
             raise ValueError(f"outlier_ratio={outlier_ratio} must be in [0, 1)")
         if power_iterations < 1:

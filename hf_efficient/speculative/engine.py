@@ -19,11 +19,23 @@ from dataclasses import dataclass
 import torch
 from transformers import (
     EosTokenCriteria,
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
     GenerationConfig,
+    LogitsProcessor,
     LogitsProcessorList,
     MaxLengthCriteria,
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+    MinPLogitsWarper,
+    PrefixConstrainedLogitsProcessor,
     PreTrainedModel,
+    RepetitionPenaltyLogitsProcessor,
     StoppingCriteriaList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
 )
 
 from ..compat import Cache, DynamicCache, GenerateDecoderOnlyOutput
@@ -34,6 +46,17 @@ from .tree import DraftTree
 __all__ = ["DecodingState", "SpeculativeDecoder", "SpeculativeStats"]
 
 _TREE_ATTENTION = ("sdpa", "eager")  # implementations that honour an arbitrary 4-D float mask
+# logits processors that read neither `input_ids` nor its length: one call covers every tree node
+_PREFIX_FREE = (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    MinPLogitsWarper,
+    TypicalLogitsWarper,
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
+)
+_LENGTH_ONLY = (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor)  # read `input_ids.shape[-1]` only
 
 
 @dataclass
@@ -168,6 +191,11 @@ class SpeculativeDecoder(abc.ABC):
             c for c in (stopping_criteria or []) if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))
         ]  # length and EOS are enforced exactly below; the rest are checked token by token
         self.validate(model, generation_config)
+        if any(isinstance(p, PrefixConstrainedLogitsProcessor) for p in processors):
+            raise ValueError(
+                "prefix_allowed_tokens_fn is not supported by speculative decoding (it is called with batch indices "
+                "that tree verification does not preserve); use plain generate for constrained decoding."
+            )
         if synced_gpus:
             raise ValueError("synced_gpus=True is not supported by speculative decoding.")
         B, L = input_ids.shape
@@ -297,24 +325,39 @@ class SpeculativeDecoder(abc.ABC):
         self, processors: LogitsProcessorList, state: DecodingState, tree: DraftTree, logits: torch.Tensor
     ) -> torch.Tensor:
         """Apply the logits processors at every node with the node's own prefix (row tokens + path), as plain
-        `generate` would at that point; nodes too deep to be used keep raw scores."""
+        `generate` would at that point.
+
+        Warpers that read neither the prefix nor its length (temperature, top-k, top-p, ...) run once over all
+        nodes; the others run once per prefix length over the usable nodes of that length (nodes too deep to
+        be used keep their scores), with the prefix token ids built only for processors that read them.
+        """
         scores = logits.float()  # (B, T, V)
         if not processors:
             return scores
         scores = scores.clone()
-        depth, path_tokens = tree.depth, tree.path_tokens()  # (B, T), (B, T, D + 1)
+        B, T, V = scores.shape
+        depth = tree.depth  # (B, T)
         prefix_len = state.lengths[:, None] + depth  # (B, T) length of the sequence each node continues
         usable = (depth <= state.max_drafts[:, None]) & state.unfinished[:, None]
-        for length in prefix_len[usable].unique().tolist():
-            rows, nodes = torch.nonzero(usable & (prefix_len == length), as_tuple=True)
-            cols = torch.arange(length, device=rows.device)[None]  # (1, length)
-            k = cols - state.lengths[rows][:, None] + 1  # (N, length) path depth of each column past the row
-            ids = torch.where(
-                k >= 1,
-                path_tokens[rows, nodes].gather(1, k.clamp(0, path_tokens.shape[-1] - 1)),
-                state.sequences[rows, :length],
-            )
-            scores[rows, nodes] = processors(ids, scores[rows, nodes])
+        groups: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # prefix length -> (rows, nodes)
+        prefixes: dict[int, torch.LongTensor] = {}  # prefix length -> (N, length) token ids, built on demand
+        path_tokens = None
+        for processor in processors:
+            if isinstance(processor, _PREFIX_FREE):
+                scores = processor(state.sequences, scores.view(B * T, V)).view(B, T, V)
+                continue
+            if not groups:
+                for length in prefix_len[usable].unique().tolist():
+                    groups[length] = torch.nonzero(usable & (prefix_len == length), as_tuple=True)
+            for length, (rows, nodes) in groups.items():
+                if isinstance(processor, _LENGTH_ONLY):  # reads `input_ids.shape[-1]` only
+                    ids = state.sequences.new_zeros(()).expand(len(rows), length)
+                else:
+                    if length not in prefixes:
+                        path_tokens = tree.path_tokens() if path_tokens is None else path_tokens  # (B, T, D + 1)
+                        prefixes[length] = _prefix_ids(state, path_tokens, rows, nodes, length)
+                    ids = prefixes[length]
+                scores[rows, nodes] = _process_rows(processor, ids, scores[rows, nodes], rows)
         return scores
 
     def _emit(self, state, tokens, node_records, eos, criteria, streamer, record, counts=None) -> None:
@@ -338,6 +381,35 @@ class SpeculativeDecoder(abc.ABC):
                 if done or any(bool(c(row, None).any()) for c in criteria):
                     state.unfinished[b] = False
                     break
+
+
+def _process_rows(
+    processor: LogitsProcessor, ids: torch.LongTensor, scores: torch.Tensor, rows: torch.Tensor
+) -> torch.Tensor:
+    """`processor(ids, scores)` for nodes of batch rows `rows` `(N,)`; per-row state is sliced to those rows
+    (generate gives the repetition penalty each row's left-padding length, to leave padding unpenalised)."""
+    ignore = getattr(processor, "prompt_ignore_length", None)
+    if not (isinstance(processor, RepetitionPenaltyLogitsProcessor) and isinstance(ignore, torch.Tensor)):
+        return processor(ids, scores)
+    processor.prompt_ignore_length = ignore.to(rows.device)[rows]
+    try:
+        return processor(ids, scores)
+    finally:
+        processor.prompt_ignore_length = ignore
+
+
+def _prefix_ids(
+    state: DecodingState, path_tokens: torch.LongTensor, rows: torch.Tensor, nodes: torch.Tensor, length: int
+) -> torch.LongTensor:
+    """`(N, length)` token ids of the sequence that tree nodes `(rows, nodes)` continue: the row's tokens, then
+    the node's root-to-node path (`path_tokens` `(B, T, D + 1)`)."""
+    cols = torch.arange(length, device=rows.device)[None]  # (1, length)
+    k = cols - state.lengths[rows][:, None] + 1  # (N, length) path depth of each column past the row
+    return torch.where(
+        k >= 1,
+        path_tokens[rows, nodes].gather(1, k.clamp(0, path_tokens.shape[-1] - 1)),
+        state.sequences[rows, :length],
+    )
 
 
 def _as_list(value) -> list[int]:
