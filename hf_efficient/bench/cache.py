@@ -22,7 +22,14 @@ from .harness import BenchReport, measure, ratio
 LIGHT_GEAR = "GEAR 2-bit r=1, 1% outliers"
 DESCRIPTION = "GEAR/KIVI/streaming/H2O/Keyformer/SnapKV vs DynamicCache and HF QuantizedCache: ppl, bytes, tokens/s"
 
-HF_BACKENDS = {"fp8": {}, "quanto": {"nbits": 4}, "hqq": {"nbits": 4}}
+# HF QuantizedCache configurations: (backend, kwargs); quanto and hqq at the bit widths of KIVI and GEAR
+HF_BACKENDS = (
+    ("fp8", {}),
+    ("quanto", {"nbits": 4}),
+    ("quanto", {"nbits": 2}),
+    ("hqq", {"nbits": 4}),
+    ("hqq", {"nbits": 2}),
+)
 
 
 def held_bytes(cache: Cache) -> int:
@@ -31,6 +38,9 @@ def held_bytes(cache: Cache) -> int:
         return cache.nbytes()
 
     def walk(value: Any) -> int:
+        if isinstance(value, torch.Tensor) and hasattr(value, "__tensor_flatten__"):  # quanto's packed QTensors
+            inner, _ = value.__tensor_flatten__()
+            return sum(walk(getattr(value, name)) for name in inner)
         if isinstance(value, torch.Tensor):
             return value.numel() * value.element_size()
         if isinstance(value, (tuple, list)):
@@ -50,7 +60,7 @@ def methods(config, prompt_len: int, total_len: int, window: int) -> dict[str, C
 
     budget = total_len // 2
     factories: dict[str, Callable[[], Cache]] = {"DynamicCache": lambda: DynamicCache(config=config)}
-    for backend, kwargs in HF_BACKENDS.items():
+    for backend, kwargs in HF_BACKENDS:
         try:
             QuantizedCache(backend, config, **kwargs)
         except ImportError:
@@ -123,7 +133,7 @@ def run(device: str = "cpu", quick: bool = False) -> BenchReport:
         "tokens and appends the continuation. bytes = mean held over the decode steps (`.nbytes()` for ours, every "
         "tensor for HF caches); tokens/s over prefill + decode steps (decoding includes the per-step bytes count).",
     )
-    missing = [b for b in HF_BACKENDS if not any(b in name for name in factories)]
+    missing = sorted({b for b, _ in HF_BACKENDS if not any(b in name for name in factories)})
     if missing:
         report.note(f"HF QuantizedCache backends not installed here (not installed for the benchmark): {missing}")
     for kind in kinds:
