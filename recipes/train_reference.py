@@ -157,6 +157,7 @@ def train_model(
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
     model = build_model(config, len(tokenizer))
+    bf16 = config.bf16 and bf16_supported()
     args = TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=config.batch_size,
@@ -174,8 +175,8 @@ def train_model(
         dataloader_num_workers=0,
         report_to="none",
         disable_tqdm=not progress,
-        bf16=config.bf16 and bf16_supported(),
-        use_cpu=not torch.cuda.is_available(),  # Trainer refuses CPU bf16 autocast without it
+        bf16=bf16,
+        use_cpu=bf16 and not torch.cuda.is_available(),  # Trainer refuses CPU bf16 autocast without it
     )
     trainer = Trainer(
         model=model,

@@ -336,25 +336,26 @@ class SpeculativeDecoder(abc.ABC):
             return scores
         scores = scores.clone()
         B, T, V = scores.shape
-        depth = tree.depth  # (B, T)
-        prefix_len = state.lengths[:, None] + depth  # (B, T) length of the sequence each node continues
-        usable = (depth <= state.max_drafts[:, None]) & state.unfinished[:, None]
-        groups: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # prefix length -> (rows, nodes)
+        groups: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # prefix length -> usable (rows, nodes)
+        if not all(isinstance(p, _PREFIX_FREE) for p in processors):
+            depth = tree.depth  # (B, T)
+            prefix_len = state.lengths[:, None] + depth  # (B, T) length of the sequence each node continues
+            usable = (depth <= state.max_drafts[:, None]) & state.unfinished[:, None]
+            for length in prefix_len[usable].unique().tolist():
+                groups[length] = torch.nonzero(usable & (prefix_len == length), as_tuple=True)
         prefixes: dict[int, torch.LongTensor] = {}  # prefix length -> (N, length) token ids, built on demand
-        path_tokens = None
+        path_tokens = None  # (B, T, D + 1), built on demand
         for processor in processors:
             if isinstance(processor, _PREFIX_FREE):
                 scores = processor(state.sequences, scores.view(B * T, V)).view(B, T, V)
                 continue
-            if not groups:
-                for length in prefix_len[usable].unique().tolist():
-                    groups[length] = torch.nonzero(usable & (prefix_len == length), as_tuple=True)
             for length, (rows, nodes) in groups.items():
                 if isinstance(processor, _LENGTH_ONLY):  # reads `input_ids.shape[-1]` only
                     ids = state.sequences.new_zeros(()).expand(len(rows), length)
                 else:
                     if length not in prefixes:
-                        path_tokens = tree.path_tokens() if path_tokens is None else path_tokens  # (B, T, D + 1)
+                        if path_tokens is None:
+                            path_tokens = tree.path_tokens()
                         prefixes[length] = _prefix_ids(state, path_tokens, rows, nodes, length)
                     ids = prefixes[length]
                 scores[rows, nodes] = _process_rows(processor, ids, scores[rows, nodes], rows)
