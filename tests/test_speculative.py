@@ -12,6 +12,7 @@ import pytest
 import torch
 from factories import ARCHITECTURES, tiny_causal_lm
 from scipy.stats import chisquare
+from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from hf_efficient.compat import DynamicCache
@@ -136,6 +137,23 @@ def test_eos_mid_draft_and_exact_length(batch):
         assert out.shape[1] == inputs["input_ids"].shape[1] + max_new_tokens
 
 
+def test_custom_stopping_criterion_mid_draft():
+    """A user stopping criterion ends each row at the same token as plain generate, inside accepted drafts."""
+    target = tiny_causal_lm("llama")
+    inputs = _prompts(3)
+    plain = target.generate(**inputs, max_new_tokens=16, do_sample=False)
+    stop_token = int(plain[1, inputs["input_ids"].shape[1] + 4])
+
+    class StopAt(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return input_ids[:, -1] == stop_token
+
+    kwargs = dict(max_new_tokens=16, do_sample=False, pad_token_id=0, stopping_criteria=StoppingCriteriaList([StopAt()]))
+    expected = target.generate(**inputs, **kwargs)
+    strategy = DraftModel(target, chain=True, max_depth=6, stop_threshold=None)
+    assert torch.equal(target.generate(**inputs, custom_generate=strategy, **kwargs), expected)
+
+
 def test_stats_hand_checked():
     target = tiny_causal_lm("llama")
     strategy = DraftModel(target, chain=True, max_depth=3, stop_threshold=None)
@@ -229,13 +247,18 @@ def test_sampling_is_lossless_chi_square(drafter):
 def test_recycling_state_save_load_reset(tmp_path):
     target = tiny_causal_lm("mistral")
     strategy = TokenRecycling(topk=4, tree=8)
-    target.generate(**_prompts(1), max_new_tokens=16, custom_generate=strategy)
+    prompt = _prompts(1)
+    with torch.inference_mode():  # state made under inference mode keeps working outside it
+        target.generate(**prompt, max_new_tokens=16, custom_generate=strategy)
+    assert strategy.seen[prompt["input_ids"]].all()  # warm start wrote every prompt token's row
     first = strategy.adjacency.clone()
     target.generate(**_prompts(1, seed=1), max_new_tokens=16, custom_generate=strategy)
     assert not torch.equal(first, strategy.adjacency)  # state persists and keeps learning across calls
+    assert strategy.seen.sum() < len(strategy.seen)
     strategy.save(tmp_path / "recycling.safetensors")
     loaded = TokenRecycling(topk=2).load(tmp_path / "recycling.safetensors")
     assert loaded.topk == 4 and torch.equal(loaded.adjacency, strategy.adjacency)
+    assert torch.equal(loaded.seen, strategy.seen)
     assert loaded.rank_acceptance == strategy.rank_acceptance
     loaded.reset()
     assert loaded.adjacency is None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import inspect
+import math
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +57,8 @@ _PREFIX_FREE = (
     EpsilonLogitsWarper,
     EtaLogitsWarper,
 )
-_LENGTH_ONLY = (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor)  # read `input_ids.shape[-1]` only
+# processors that ban EOS while the sequence is shorter than a threshold (they read `input_ids.shape[-1]` only)
+_EOS_UNTIL_LENGTH = (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor)
 
 
 @dataclass
@@ -94,8 +96,9 @@ class DecodingState:
         logits_processor (`LogitsProcessorList`): the call's processors (temperature, top-k, penalties, ...).
         cache (`Cache`): the target's KV cache (committed tokens only between steps).
         layout (`KVLayout`): validity and positions of the target cache's columns.
-        prompt_logits (`torch.Tensor` of shape `(B, L, V)`, *optional*): target logits over the prompt, when the
-            drafter asked for them (`wants_prompt_logits`).
+        prompt_logits (`torch.Tensor` of shape `(B, N, V)`, *optional*): target logits at the prompt's cache columns
+            `prompt_columns`, when the drafter asked for them (`prompt_logit_positions`).
+        prompt_columns (`torch.LongTensor` of shape `(N,)`, *optional*): cache columns of `prompt_logits`, ascending.
     """
 
     sequences: torch.LongTensor
@@ -107,6 +110,7 @@ class DecodingState:
     cache: Cache | None = None
     layout: KVLayout | None = None
     prompt_logits: torch.Tensor | None = None
+    prompt_columns: torch.LongTensor | None = None
 
     @property
     def roots(self) -> torch.LongTensor:
@@ -128,7 +132,6 @@ class SpeculativeDecoder(abc.ABC):
     flips the argmax only where the two best logits of plain decoding are within that ulp.
     """
 
-    wants_prompt_logits: bool = False
     streamer = None  # transformers 5.23 does not pass `generate(streamer=...)` on to callables: set it here
 
     def __init__(self) -> None:
@@ -137,6 +140,11 @@ class SpeculativeDecoder(abc.ABC):
     # ----- drafter hooks ---------------------------------------------------------------------------------
     def start(self, model: PreTrainedModel, state: DecodingState) -> None:  # noqa: B027 (optional hook: no-op by default)
         """Called once per `generate` call after the prefill (warm starts, drafter prefill)."""
+
+    def prompt_logit_positions(self, prefill_ids: torch.LongTensor) -> torch.LongTensor | None:
+        """Positions of the prefill input `(B, N)` whose target logits the drafter wants in `state.prompt_logits`
+        (1-D, any order); `None` for none. The prefill's language-model head then runs at those positions only."""
+        return None
 
     @abc.abstractmethod
     def draft(self, model: PreTrainedModel, state: DecodingState) -> DraftTree:
@@ -221,13 +229,16 @@ class SpeculativeDecoder(abc.ABC):
         past = cache.get_seq_length()
         position_ids = model_kwargs.get("position_ids")
         position_ids = layout.positions if position_ids is None else position_ids
+        wanted = self.prompt_logit_positions(input_ids[:, past:])
+        keep = torch.tensor([L - past - 1], device=input_ids.device)  # the last position: the first new token
+        keep = keep if wanted is None else torch.cat([wanted.to(keep.device), keep]).unique()  # ascending
         out = model(
             input_ids=input_ids[:, past:],
             attention_mask=attention_mask,
             position_ids=position_ids[:, past:],
             past_key_values=cache,
             use_cache=True,
-            **({} if self.wants_prompt_logits else {"logits_to_keep": 1}),
+            logits_to_keep=keep if wanted is not None else 1,
         )
         cache = out.past_key_values
         window = self._check_cache(cache)
@@ -243,7 +254,8 @@ class SpeculativeDecoder(abc.ABC):
             logits_processor=processors,
             cache=cache,
             layout=layout,
-            prompt_logits=out.logits if self.wants_prompt_logits else None,
+            prompt_logits=out.logits if wanted is not None else None,
+            prompt_columns=past + keep if wanted is not None else None,
         )
         state.sequences[:, :L] = input_ids
         logits = out.logits[:, -1:].float()  # (B, 1, V)
@@ -328,60 +340,87 @@ class SpeculativeDecoder(abc.ABC):
         `generate` would at that point.
 
         Warpers that read neither the prefix nor its length (temperature, top-k, top-p, ...) run once over all
-        nodes; the others run once per prefix length over the usable nodes of that length (nodes too deep to
-        be used keep their scores), with the prefix token ids built only for processors that read them.
+        nodes, and minimum-length processors ban EOS at the nodes whose prefix is too short; the others run once
+        per prefix length over the usable nodes of that length (nodes too deep to be used keep their scores).
         """
         scores = logits.float()  # (B, T, V)
         if not processors:
             return scores
         scores = scores.clone()
         B, T, V = scores.shape
-        groups: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # prefix length -> usable (rows, nodes)
-        if not all(isinstance(p, _PREFIX_FREE) for p in processors):
-            depth = tree.depth  # (B, T)
-            prefix_len = state.lengths[:, None] + depth  # (B, T) length of the sequence each node continues
-            usable = (depth <= state.max_drafts[:, None]) & state.unfinished[:, None]
-            for length in prefix_len[usable].unique().tolist():
-                groups[length] = torch.nonzero(usable & (prefix_len == length), as_tuple=True)
+        prefix_len = state.lengths[:, None] + tree.depth  # (B, T) length of the sequence each node continues
+        groups = None  # prefix length -> usable (rows, nodes), built for the first processor that reads the prefix
         prefixes: dict[int, torch.LongTensor] = {}  # prefix length -> (N, length) token ids, built on demand
-        path_tokens = None  # (B, T, D + 1), built on demand
         for processor in processors:
             if isinstance(processor, _PREFIX_FREE):
                 scores = processor(state.sequences, scores.view(B * T, V)).view(B, T, V)
                 continue
+            if isinstance(processor, _EOS_UNTIL_LENGTH):
+                threshold, eos = _eos_ban(processor)
+                short = prefix_len < threshold  # (B, T) nodes whose prefix is too short to end
+                if bool(short.any()):
+                    eos = eos.to(scores.device)
+                    eos = eos[eos < V]  # ids outside the vocabulary never occur
+                    scores[..., eos] = scores[..., eos].masked_fill(short[..., None], -math.inf)
+                continue
+            if groups is None:
+                usable = (tree.depth <= state.max_drafts[:, None]) & state.unfinished[:, None]
+                groups = {
+                    length: torch.nonzero(usable & (prefix_len == length), as_tuple=True)
+                    for length in prefix_len[usable].unique().tolist()
+                }
+                path_tokens = tree.path_tokens()  # (B, T, D + 1)
             for length, (rows, nodes) in groups.items():
-                if isinstance(processor, _LENGTH_ONLY):  # reads `input_ids.shape[-1]` only
-                    ids = state.sequences.new_zeros(()).expand(len(rows), length)
-                else:
-                    if length not in prefixes:
-                        if path_tokens is None:
-                            path_tokens = tree.path_tokens()
-                        prefixes[length] = _prefix_ids(state, path_tokens, rows, nodes, length)
-                    ids = prefixes[length]
-                scores[rows, nodes] = _process_rows(processor, ids, scores[rows, nodes], rows)
+                if length not in prefixes:
+                    prefixes[length] = _prefix_ids(state, path_tokens, rows, nodes, length)
+                scores[rows, nodes] = _process_rows(processor, prefixes[length], scores[rows, nodes], rows)
         return scores
 
     def _emit(self, state, tokens, node_records, eos, criteria, streamer, record, counts=None) -> None:
-        """Append up to `counts[b]` tokens of `tokens` `(B, n)` to every unfinished row, stopping at EOS,
-        `max_length` or another stopping criterion, token by token."""
+        """Append up to `counts[b]` tokens of `tokens` `(B, n)` to every unfinished row, stopping after EOS, at
+        `max_length` or where another stopping criterion fires (checked token by token)."""
         B, n = tokens.shape
+        j = torch.arange(n, device=tokens.device)[None]  # (1, n)
         counts = torch.full((B,), n, device=tokens.device) if counts is None else counts
         max_length = state.sequences.shape[1]
-        for b in torch.nonzero(state.unfinished).flatten().tolist():
-            for j in range(int(counts[b])):
-                pos = int(state.lengths[b])
-                state.sequences[b, pos] = tokens[b, j]
-                state.lengths[b] = pos + 1
-                self.stats.new_tokens += 1
-                if node_records[b]:
-                    record[b].append(node_records[b][j])
-                if streamer is not None:
-                    streamer.put(tokens[b, j : j + 1].cpu())
-                row = state.sequences[b : b + 1, : pos + 1]
-                done = bool((eos == tokens[b, j]).any()) or pos + 1 >= max_length
-                if done or any(bool(c(row, None).any()) for c in criteria):
-                    state.unfinished[b] = False
+        live = (j < counts[:, None]) & (j < max_length - state.lengths[:, None]) & state.unfinished[:, None]  # (B, n)
+        ends = torch.isin(tokens, eos) & live
+        live &= (ends.long().cumsum(1) - ends.long()) == 0  # nothing after the first EOS
+        take = live.sum(1)  # (B,) tokens appended per row
+        stop = ends.any(1) | (state.lengths + take >= max_length)
+        if criteria:
+            take, stop = self._check_criteria(state, tokens, take, stop, criteria)
+            live = j < take[:, None]
+        rows, cols = live.nonzero(as_tuple=True)
+        state.sequences[rows, state.lengths[rows] + cols] = tokens[rows, cols]
+        state.lengths += take
+        state.unfinished &= ~stop
+        self.stats.new_tokens += len(rows)
+        if any(node_records):
+            for b, count in enumerate(take.tolist()):
+                record[b] += node_records[b][:count]
+        if streamer is not None and len(rows):
+            streamer.put(tokens[0, : len(rows)].cpu())
+
+    @staticmethod
+    def _check_criteria(state, tokens, take, stop, criteria) -> tuple[torch.LongTensor, torch.BoolTensor]:
+        """Shorten `take` to the first token where a stopping criterion fires; such rows stop."""
+        take, stop = take.clone(), stop.clone()
+        for b in torch.nonzero(take).flatten().tolist():
+            length = int(state.lengths[b])
+            row = torch.cat([state.sequences[b, :length], tokens[b, : int(take[b])]])[None]  # (1, length + take)
+            for k in range(1, int(take[b]) + 1):
+                if any(bool(c(row[:, : length + k], None).any()) for c in criteria):
+                    take[b], stop[b] = k, True
                     break
+        return take, stop
+
+
+def _eos_ban(processor: LogitsProcessor) -> tuple[int, torch.Tensor]:
+    """`(threshold, eos_ids)`: a minimum-length processor bans `eos_ids` while `input_ids.shape[-1] < threshold`."""
+    if isinstance(processor, MinNewTokensLengthLogitsProcessor):
+        return processor.prompt_length_to_skip + processor.min_new_tokens, processor.eos_token_id
+    return processor.min_length, processor.eos_token_id
 
 
 def _process_rows(

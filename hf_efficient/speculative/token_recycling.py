@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from .engine import DecodingState, SpeculativeDecoder
-from .tree import DraftTree, expected_accepted, tree_template
+from .tree import DraftTree, acceptance_probabilities, tree_template
 
 __all__ = ["TokenRecycling"]
 
@@ -41,8 +41,9 @@ class TokenRecycling(SpeculativeDecoder):
             call and keeps the size maximising expected tokens per second (re-planned every call from measured
             per-rank acceptance); an `int` is a fixed size (nodes incl. root) of the best template; a list of
             rank paths (e.g. `[[0], [1], [0, 0]]`, the paper's format) is used as given.
-        warm_start (`bool`, *optional*, defaults to `True`): seed the rows of the prompt's tokens from the
-            prefill logits (costs keeping the prompt's logits once per call).
+        warm_start (`bool`, *optional*, defaults to `True`): seed the rows of prompt tokens the matrix has not
+            seen yet from the prefill logits (the prefill's LM head runs at those positions too; rows learned
+            in earlier calls are kept).
 
     Example:
 
@@ -65,7 +66,6 @@ class TokenRecycling(SpeculativeDecoder):
         self.topk = topk
         self.tree = tree
         self.warm_start = warm_start
-        self.wants_prompt_logits = warm_start
         self.forward_costs: dict[int, float] = {}
         self.reset()
 
@@ -73,78 +73,110 @@ class TokenRecycling(SpeculativeDecoder):
     def reset(self) -> None:
         """Forget the adjacency matrix and the acceptance statistics (not the measured forward costs)."""
         self.adjacency: torch.LongTensor | None = None  # (V, topk)
+        self.seen: torch.BoolTensor | None = None  # (V,) rows written from target logits
         prior = torch.tensor([_RANK_PRIOR[r] if r < len(_RANK_PRIOR) else 0.01 for r in range(self.topk)])
         self.rank_hits = prior * _PRIOR_WEIGHT  # (topk,)
         self.rank_trials = torch.full((self.topk,), _PRIOR_WEIGHT)
+        self._ranks = self._node_trials = self._node_hits = None  # template ranks `(T,)`, counts not yet folded
+
+    def _fold_counts(self) -> None:
+        """Add the per-node trials and hits of the current template's verifications to the per-rank counts."""
+        if self._ranks is None:
+            return
+        ranks = self._ranks[1:].cpu()  # the root has no rank
+        self.rank_trials = self.rank_trials.index_add(0, ranks, self._node_trials[1:].float().cpu())
+        self.rank_hits = self.rank_hits.index_add(0, ranks, self._node_hits[1:].float().cpu())
+        self._node_trials = torch.zeros_like(self._node_trials)
+        self._node_hits = torch.zeros_like(self._node_hits)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the adjacency matrix and acceptance statistics to a safetensors file."""
         if self.adjacency is None:
             raise ValueError("nothing to save: the adjacency matrix is built by the first generate call")
-        tensors = {"adjacency": self.adjacency.cpu(), "rank_hits": self.rank_hits, "rank_trials": self.rank_trials}
+        self._fold_counts()
+        tensors = {
+            "adjacency": self.adjacency.cpu(),
+            "seen": self.seen.cpu(),
+            "rank_hits": self.rank_hits,
+            "rank_trials": self.rank_trials,
+        }
         save_file(tensors, os.fspath(path), metadata={"method": "token_recycling", "topk": str(self.topk)})
 
     def load(self, path: str | os.PathLike) -> TokenRecycling:
         """Restore a state written by `save` (sets `topk` from the file); returns `self`."""
         tensors = load_file(os.fspath(path))
         self.adjacency = tensors["adjacency"].long()
+        self.seen = tensors["seen"].bool()
         self.topk = self.adjacency.shape[1]
         self.rank_hits, self.rank_trials = tensors["rank_hits"].float(), tensors["rank_trials"].float()
+        self._ranks = self._node_trials = self._node_hits = None
         return self
 
     @property
     def rank_acceptance(self) -> list[float]:
         """Estimated probability that a child of rank `r` is accepted when its parent is."""
+        self._fold_counts()
         return (self.rank_hits / self.rank_trials).tolist()
 
     # ----- engine hooks ---------------------------------------------------------------------------------
+    def prompt_logit_positions(self, prefill_ids: torch.LongTensor) -> torch.LongTensor | None:
+        if not self.warm_start:
+            return None
+        if self.seen is None or int(prefill_ids.max()) >= len(self.seen):  # first call (or a mismatch start reports)
+            return torch.arange(prefill_ids.shape[1], device=prefill_ids.device)
+        unseen = ~self.seen.to(prefill_ids.device)[prefill_ids]  # (B, N)
+        return unseen.any(0).nonzero().flatten()
+
     def start(self, model: PreTrainedModel, state: DecodingState) -> None:
         vocab = model.get_output_embeddings().weight.shape[0]
         device = state.sequences.device
         if self.adjacency is None:
             self.adjacency = torch.arange(self.topk, device=device).repeat(vocab, 1)  # distinct, if uninformed
+            self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
         if self.adjacency.shape[0] != vocab:
             raise ValueError(
                 f"the recycling state was built for a vocabulary of {self.adjacency.shape[0]} tokens, this model "
                 f"has {vocab}; call .reset() (or use one TokenRecycling per model)."
             )
-        self.adjacency = self.adjacency.to(device)
-        if state.prompt_logits is not None:  # logits of the last L prompt tokens (all of them without a cache)
-            L, P = state.prompt_logits.shape[1], state.layout.length
-            valid = state.layout.valid[:, P - L : P]  # (B, L), padding excluded
-            self._recycle(state.sequences[:, P - L : P][valid], state.prompt_logits[valid])
+        self.adjacency, self.seen = _writable(self.adjacency.to(device)), _writable(self.seen.to(device))
+        if state.prompt_logits is not None:  # logits at the prompt columns `prompt_columns`
+            columns = state.prompt_columns
+            valid = state.layout.valid[:, columns]  # (B, N), padding excluded
+            self._recycle(state.sequences[:, columns][valid], state.prompt_logits[valid].topk(self.topk).indices)
             state.prompt_logits = None
-        self._parents, self._ranks = self._template(model, state)
+        self._fold_counts()
+        parents, ranks = self._template(model, state)
+        self._parents, self._ranks = parents.to(device), ranks.to(device)
+        self._template_nodes = list(zip(parents.tolist()[1:], ranks.tolist()[1:]))  # (parent, rank) per draft node
+        self._node_trials = torch.zeros(len(ranks), dtype=torch.long, device=device)
+        self._node_hits = torch.zeros_like(self._node_trials)
 
     def draft(self, model: PreTrainedModel, state: DecodingState) -> DraftTree:
-        parents, ranks = self._parents.to(state.sequences.device), self._ranks.to(state.sequences.device)
-        T = parents.shape[0]
+        T = len(self._parents)
         tokens = state.roots[:, None].repeat(1, T)  # (B, T)
-        for i in range(1, T):  # breadth-first: a parent is filled before its children
-            tokens[:, i] = self.adjacency[tokens[:, parents[i]], ranks[i]]
-        return DraftTree(tokens, parents)
+        for i, (parent, rank) in enumerate(self._template_nodes, start=1):  # breadth-first: parents come first
+            tokens[:, i] = self.adjacency[tokens[:, parent], rank]
+        return DraftTree(tokens, self._parents)
 
     def observe(self, state, tree, logits, path, num_accepted) -> None:
         rows = state.unfinished
-        self._recycle(tree.tokens[rows].flatten(), logits[rows].flatten(0, 1))
+        self._recycle(tree.tokens[rows].flatten(), logits[rows].topk(self.topk).indices.flatten(0, 1))
         on_path = torch.zeros_like(tree.tokens, dtype=torch.bool).scatter_(1, path.clamp(min=0), True)[rows]
         tried = on_path.gather(1, tree.parents[rows].clamp(min=0))  # (b, T) parent on the accepted path
-        tried[:, 0] = False
-        ranks = self._ranks.to(tried.device).clamp(min=0)
-        self.rank_trials += torch.zeros(self.topk).index_add_(0, ranks.cpu(), tried.sum(0).float().cpu())
-        hits = on_path & tried
-        self.rank_hits += torch.zeros(self.topk).index_add_(0, ranks.cpu(), hits.sum(0).float().cpu())
+        self._node_trials += tried.sum(0)  # per template node; folded into per-rank counts by `_fold_counts`
+        self._node_hits += (on_path & tried).sum(0)
 
     # ----- internals ------------------------------------------------------------------------------------
-    def _recycle(self, tokens: torch.LongTensor, logits: torch.Tensor) -> None:
-        """`adjacency[tokens] = topk(logits)`; for a token seen several times the first occurrence wins."""
+    def _recycle(self, tokens: torch.LongTensor, top: torch.LongTensor) -> None:
+        """`adjacency[tokens] = top` for `tokens` `(N,)` and their successors `top` `(N, topk)`; for a token seen
+        several times the first occurrence wins."""
         if tokens.numel() == 0:
             return
-        top = logits.topk(self.topk, dim=-1).indices  # (N, topk)
         unique, inverse = tokens.unique(return_inverse=True)
         order = torch.arange(tokens.numel(), device=tokens.device)
         first = torch.full_like(unique, tokens.numel()).scatter_reduce_(0, inverse, order, "amin")
         self.adjacency[unique] = top[first]
+        self.seen[unique] = True
 
     def _template(self, model: PreTrainedModel, state: DecodingState) -> tuple[torch.LongTensor, torch.LongTensor]:
         if isinstance(self.tree, (list, tuple)):
@@ -153,13 +185,10 @@ class TokenRecycling(SpeculativeDecoder):
             return tree_template(self.tree, self.rank_acceptance)
         if not self.forward_costs:
             self.forward_costs = self._measure(model, state)
-        best = max(
-            self.forward_costs,
-            key=lambda size: (
-                (1 + expected_accepted(*tree_template(size, self.rank_acceptance), self.rank_acceptance))
-                / self.forward_costs[size]
-            ),
-        )
+        # the best tree of n nodes holds the n - 1 likeliest nodes of the biggest one (best-first growth)
+        largest = tree_template(max(self.forward_costs), self.rank_acceptance)
+        likeliest = sorted(acceptance_probabilities(*largest, self.rank_acceptance)[1:], reverse=True)
+        best = max(self.forward_costs, key=lambda size: (1 + sum(likeliest[: size - 1])) / self.forward_costs[size])
         return tree_template(best, self.rank_acceptance)
 
     def _measure(self, model: PreTrainedModel, state: DecodingState) -> dict[int, float]:
@@ -194,6 +223,12 @@ def _template_from_paths(paths: Sequence[Sequence[int]]) -> tuple[torch.LongTens
         parents.append(index[path[:-1]])
         ranks.append(path[-1])
     return torch.tensor(parents), torch.tensor(ranks)
+
+
+def _writable(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, cloned if an earlier call under `torch.inference_mode()` made it an inference tensor and this call
+    runs outside inference mode (where inference tensors cannot be updated in place)."""
+    return tensor.clone() if tensor.is_inference() and not torch.is_inference_mode_enabled() else tensor
 
 
 def _synchronize(device: torch.device) -> None:

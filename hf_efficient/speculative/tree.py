@@ -16,10 +16,11 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
-__all__ = ["DraftTree", "expected_accepted", "tree_template"]
+__all__ = ["DraftTree", "acceptance_probabilities", "expected_accepted", "tree_template"]
 
 
 @dataclass
@@ -40,11 +41,14 @@ class DraftTree:
     draft_probs: torch.FloatTensor | None = None
 
     def __post_init__(self) -> None:
-        if self.parents.dim() == 1:
-            self.parents = self.parents.to(self.tokens.device).expand_as(self.tokens)
+        B, T = self.tokens.shape
+        self._paths = self._depth = self._ancestors = None
+        if self.parents.dim() == 1:  # one topology for the batch: its paths, depths and mask are computed once
+            shared = _shared_topology(tuple(self.parents.tolist()), self.tokens.device)
+            self._paths, self._depth, self._ancestors = (t.expand(B, *t.shape) for t in shared)
+            self.parents = self.parents.to(self.tokens.device).expand(B, T)
         if self.parents.shape != self.tokens.shape:
             raise ValueError(f"parents shape {tuple(self.parents.shape)} != tokens shape {tuple(self.tokens.shape)}")
-        self._paths: torch.LongTensor | None = None
 
     @property
     def size(self) -> int:
@@ -64,20 +68,38 @@ class DraftTree:
     @property
     def depth(self) -> torch.LongTensor:
         """`(B, T)` depth of every node (root = 0); the position id offset of the node."""
-        return (self.paths >= 0).sum(-1) - 1
+        if self._depth is None:
+            self._depth = (self.paths >= 0).sum(-1) - 1
+        return self._depth
 
     def ancestors(self) -> torch.BoolTensor:
         """`(B, T, T)` mask, `True` where column `j` is an ancestor of (or is) row node `i`."""
-        B, T, _ = self.paths.shape
-        anc = torch.zeros(B, T, T + 1, dtype=torch.bool, device=self.tokens.device)
-        anc.scatter_(2, self.paths.clamp(min=-1) % (T + 1), True)  # -1 lands in the spare column T
-        return anc[..., :T]
+        if self._ancestors is None:
+            self._ancestors = _ancestor_mask(self.paths)
+        return self._ancestors
 
     def path_tokens(self) -> torch.LongTensor:
         """`(B, T, D + 1)` tokens along each node's root-to-node path (`-1` past the node's depth)."""
         paths = self.paths
         tokens = self.tokens.gather(1, paths.clamp(min=0).flatten(1)).view_as(paths)
         return tokens.masked_fill(paths < 0, -1)
+
+
+@lru_cache(maxsize=64)
+def _shared_topology(
+    parents: tuple[int, ...], device: torch.device
+) -> tuple[torch.LongTensor, torch.LongTensor, torch.BoolTensor]:
+    """Paths `(T, D + 1)`, depths `(T,)` and ancestor mask `(T, T)` of one topology (drafters reuse a few)."""
+    paths = _root_paths(torch.tensor([parents], device=device))
+    return paths[0], (paths[0] >= 0).sum(-1) - 1, _ancestor_mask(paths)[0]
+
+
+def _ancestor_mask(paths: torch.LongTensor) -> torch.BoolTensor:
+    """`(B, T, T)` ancestor-or-self mask from root-to-node paths `(B, T, D + 1)`."""
+    B, T, _ = paths.shape
+    anc = torch.zeros(B, T, T + 1, dtype=torch.bool, device=paths.device)
+    anc.scatter_(2, paths.clamp(min=-1) % (T + 1), True)  # -1 lands in the spare column T
+    return anc[..., :T]
 
 
 def _root_paths(parents: torch.LongTensor) -> torch.LongTensor:
@@ -135,8 +157,14 @@ def tree_template(
 
 def expected_accepted(parents: torch.LongTensor, ranks: torch.LongTensor, rank_acceptance: Sequence[float]) -> float:
     """Expected number of accepted draft tokens of a template `(parents, ranks)` (both `(T,)`)."""
-    probs = torch.tensor([float(p) for p in rank_acceptance], dtype=torch.float64)
-    value = torch.ones(len(parents), dtype=torch.float64)
-    for i in range(1, len(parents)):
-        value[i] = value[parents[i]] * probs[ranks[i]]
-    return float(value[1:].sum())
+    return sum(acceptance_probabilities(parents, ranks, rank_acceptance)[1:])
+
+
+def acceptance_probabilities(
+    parents: torch.LongTensor, ranks: torch.LongTensor, rank_acceptance: Sequence[float]
+) -> list[float]:
+    """Probability that each node of a template is accepted (the root's is 1): the product along its path."""
+    value = [1.0]
+    for parent, rank in zip(parents.tolist()[1:], ranks.tolist()[1:]):
+        value.append(value[parent] * float(rank_acceptance[rank]))
+    return value
