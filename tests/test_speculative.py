@@ -148,7 +148,9 @@ def test_custom_stopping_criterion_mid_draft():
         def __call__(self, input_ids, scores, **kwargs):
             return input_ids[:, -1] == stop_token
 
-    kwargs = dict(max_new_tokens=16, do_sample=False, pad_token_id=0, stopping_criteria=StoppingCriteriaList([StopAt()]))
+    kwargs = dict(
+        max_new_tokens=16, do_sample=False, pad_token_id=0, stopping_criteria=StoppingCriteriaList([StopAt()])
+    )
     expected = target.generate(**inputs, **kwargs)
     strategy = DraftModel(target, chain=True, max_depth=6, stop_threshold=None)
     assert torch.equal(target.generate(**inputs, custom_generate=strategy, **kwargs), expected)
