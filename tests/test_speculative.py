@@ -12,12 +12,12 @@ import pytest
 import torch
 from factories import ARCHITECTURES, tiny_causal_lm
 from scipy.stats import chisquare
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from hf_efficient.compat import DynamicCache
 from hf_efficient.hub import export_custom_generate
-from hf_efficient.speculative import AcceptanceHead, DraftModel, TokenRecycling, trim_drafter_vocab
+from hf_efficient.speculative import AcceptanceHead, DecodingState, DraftModel, TokenRecycling, trim_drafter_vocab
 from hf_efficient.speculative.tree import DraftTree, expected_accepted, tree_template
 
 DRAFTERS = {
@@ -260,10 +260,32 @@ def test_recycling_state_save_load_reset(tmp_path):
     strategy.save(tmp_path / "recycling.safetensors")
     loaded = TokenRecycling(topk=2).load(tmp_path / "recycling.safetensors")
     assert loaded.topk == 4 and torch.equal(loaded.adjacency, strategy.adjacency)
-    assert torch.equal(loaded.seen, strategy.seen)
+    assert torch.equal(loaded.seen, strategy.seen) and torch.equal(loaded.pair_next, strategy.pair_next)
+    assert loaded.pair_buckets == strategy.pair_buckets and (loaded.pair_keys >= 0).any()
     assert loaded.rank_acceptance == strategy.rank_acceptance
     loaded.reset()
     assert loaded.adjacency is None
+
+
+def test_recycling_prefers_the_successors_of_a_seen_token_pair():
+    """Token 5 was followed by 7 after 3, and later by 8 after 4: a draft after (3, 5) proposes 7, after an
+    unseen pair the adjacency matrix's latest successor 8; without the pair table always 8."""
+    target = tiny_causal_lm("llama")
+    for pair_buckets, after_3 in ((101, 7), (0, 8)):
+        strategy = TokenRecycling(topk=2, tree=[[0]], pair_buckets=pair_buckets, warm_start=False)
+        target.generate(torch.tensor([[1, 2]]), max_new_tokens=2, custom_generate=strategy)  # builds the state
+        strategy._recycle(torch.tensor([3]), torch.tensor([5]), torch.tensor([[7, 9]]))
+        strategy._recycle(torch.tensor([4]), torch.tensor([5]), torch.tensor([[8, 9]]))
+        for previous, expected in ((3, after_3), (6, 8)):
+            state = DecodingState(
+                sequences=torch.tensor([[previous, 5]]),
+                lengths=torch.tensor([2]),
+                unfinished=torch.tensor([True]),
+                max_drafts=torch.tensor([4]),
+                generation_config=target.generation_config,
+                logits_processor=LogitsProcessorList(),
+            )
+            assert strategy.draft(target, state).tokens.tolist() == [[5, expected]]
 
 
 def test_recycling_auto_tree_and_paths():
