@@ -1,7 +1,8 @@
 """Train ChunkLLM adapters on a frozen backbone: attention distillation for the Q/K adapters + boundary BCE.
 
 For every layer, the backbone's attention of each token (averaged over the query heads of a KV group) is summed
-over the closed chunks before it; the Q/K adapters learn to reproduce that chunk distribution (KL). Chunks come
+over the closed chunks older than its local window (`--local-chunks`, always kept at inference, so the adapters
+only rank the older ones); the Q/K adapters learn to reproduce that chunk distribution (KL). Chunks come
 from a rule (`--rule sentence`: a token containing a newline or ending in `.`, `!`, `?`; `--rule line`: a token
 containing a newline), which is also the target of the boundary adapter (BCE). Only adapter parameters train.
 
@@ -70,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, default=300)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--top-k-chunks", type=int, default=8)
+    parser.add_argument(
+        "--local-chunks", type=int, default=4, help="recent chunks always kept (the adapters learn the older ones)"
+    )
     parser.add_argument("--sink-tokens", type=int, default=4)
     parser.add_argument("--adapter-dim", type=int, default=32)
     parser.add_argument("--boundary-loss-weight", type=float, default=1.0)
@@ -112,6 +116,7 @@ def main(argv: list[str] | None = None) -> Path:
         backbone,
         top_k_chunks=args.top_k_chunks,
         sink_tokens=args.sink_tokens,
+        local_chunks=args.local_chunks,
         adapter_dim=args.adapter_dim,
         boundary_loss_weight=args.boundary_loss_weight,
     )
@@ -154,6 +159,7 @@ def main(argv: list[str] | None = None) -> Path:
             backbone=str(backbone),
             adapter_parameters=f"{record['adapter_parameters']:,}",
             top_k_chunks=str(args.top_k_chunks),
+            local_chunks=str(args.local_chunks),
             sink_tokens=str(args.sink_tokens),
             rule=args.rule,
             dataset=str(args.text_file or "hf_efficient reference corpus (train split)"),

@@ -23,8 +23,9 @@ def _prompt(batch_size: int = 2, length: int = 40, pad: int = 0) -> tuple[torch.
 
 
 def _chunky(backbone, **kwargs) -> ChunkLLMForCausalLM:
-    """A wrapper whose untrained boundary adapter fires on roughly half of the tokens (many short chunks)."""
-    model = ChunkLLMForCausalLM.from_backbone(backbone, **kwargs)
+    """A wrapper whose untrained boundary adapter fires on roughly half of the tokens (many short chunks); a local
+    window of one chunk unless `local_chunks` is given."""
+    model = ChunkLLMForCausalLM.from_backbone(backbone, **{"local_chunks": 1, **kwargs})
     with torch.no_grad():
         model.boundary_adapter.out.bias.zero_()
     return model
@@ -79,6 +80,54 @@ def test_prefill_blocks_and_decoding_select_the_same_keys(arch):
     torch.testing.assert_close(blocks[real], full[real], rtol=1e-4, atol=1e-4)
     backbone_logits = model.backbone(input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
     assert not torch.allclose(full[real], backbone_logits[real], atol=1e-3)  # selection is really on
+
+
+@pytest.mark.parametrize(("local_chunks", "expected"), [(0, [0]), (2, [0, 3, 4]), (9, [0, 1, 2, 3, 4])])
+def test_local_window_is_kept_besides_the_top_k(local_chunks, expected):
+    """The `local_chunks` chunks before the query's own are kept whatever their score; top-k picks among older ones."""
+    cache = ChunkLLMCache(num_hidden_layers=1, top_k_chunks=1, sink_tokens=0, local_chunks=local_chunks)
+    cache.chunk_sizes = torch.ones(1, 6, dtype=torch.long)
+    chunk_keys = torch.zeros(1, 1, 6, 2)  # (B, H_kv, C, d)
+    chunk_keys[..., 0, 0] = 10.0  # chunk 0 scores highest, the recent chunks lowest
+    chunk_keys[..., 3:, 0] = -10.0
+    cache.chunk_key_sums = [chunk_keys]
+    selected = cache.select_chunks(0, torch.tensor([1.0, 0.0]).view(1, 1, 1, 2), torch.tensor([[5]]))
+    assert selected[0, 0, 0].nonzero().flatten().tolist() == expected
+
+
+def test_local_window_raises_retention_and_is_counted():
+    backbone = tiny_causal_lm("llama")
+    input_ids, _ = _prompt(length=40)
+    retention = []
+    for local_chunks in (0, 2):
+        model = _chunky(backbone, top_k_chunks=1, sink_tokens=1, local_chunks=local_chunks)
+        with torch.no_grad():
+            model(input_ids)
+        retention.append(model.kv_retention)
+    assert retention[0] < retention[1] < 1.0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_cached_decode_selection_equals_a_fresh_gather(arch):
+    """Decoding steps reuse the keys/values gathered at the chunk start; re-gathering every step gives the same."""
+    model = _chunky(tiny_causal_lm(arch), top_k_chunks=2, sink_tokens=1)
+    input_ids, attention_mask = _prompt(length=16, pad=3)
+    logits, reused = [], 0
+    with torch.no_grad():
+        for fresh in (False, True):
+            cache, ids, mask, steps = model.new_cache(), input_ids, attention_mask, []
+            for _ in range(20):
+                out = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+                steps.append(out.logits[:, -1])
+                ids = out.logits[:, -1:].argmax(dim=-1)
+                mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+                if fresh:
+                    cache.decode_kv = [None] * len(cache.decode_kv)
+                else:
+                    reused += sum(entry is not None for entry in cache.decode_kv)
+            logits.append(torch.stack(steps))
+    assert reused > 0 and model.kv_retention < 1.0
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
 
 
 def test_wrappers_sharing_a_backbone_keep_their_own_adapters():
@@ -241,7 +290,8 @@ def test_backbones_without_rotary_attention_or_kv_cache_are_refused():
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("top_k_chunks", 0), ("sink_tokens", -1), ("boundary_threshold", 1.0), ("adapter_dim", 0)]
+    ("field", "value"),
+    [("top_k_chunks", 0), ("sink_tokens", -1), ("local_chunks", -1), ("boundary_threshold", 1.0), ("adapter_dim", 0)],
 )
 def test_config_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"{field}={value}"):
@@ -251,6 +301,26 @@ def test_config_validation_names_the_field(field, value):
 def test_cache_is_a_cache():
     cache = ChunkLLMCache(num_hidden_layers=2, top_k_chunks=4, sink_tokens=1)
     assert cache.get_seq_length() == 0 and cache.kv_retention == 1.0
+
+
+def test_retrieval_probe_is_multiple_choice_and_deterministic():
+    from factories import tiny_tokenizer
+
+    from hf_efficient.bench.chunkllm import _retrieval_accuracy, _retrieval_items
+
+    tokenizer = tiny_tokenizer()
+    filler = torch.randint(3, 200, (1, 120), generator=torch.Generator().manual_seed(0))
+    items = _retrieval_items(tokenizer, filler, n=3, choices=4)
+    again = _retrieval_items(tokenizer, filler, n=3, choices=4)
+    for (prompt, choices, answer), (prompt2, choices2, answer2) in zip(items, again):
+        assert torch.equal(prompt, prompt2) and answer == answer2 and len(choices) == 4
+        assert all(torch.equal(c, c2) for c, c2 in zip(choices, choices2))
+        assert prompt.shape[1] == 120 and tokenizer.decode(prompt[0, -4:]).endswith('= "')
+        assert tokenizer.decode(choices[answer][0]) in tokenizer.decode(prompt[0])  # the planted value
+    backbone = tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    model = _chunky(backbone, top_k_chunks=2, sink_tokens=1)
+    accuracy = _retrieval_accuracy(backbone, lambda: None, items)
+    assert 0.0 <= accuracy <= 1.0 and _retrieval_accuracy(model, model.new_cache, items) >= 0.0
 
 
 @pytest.mark.reference

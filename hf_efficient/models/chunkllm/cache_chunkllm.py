@@ -1,9 +1,10 @@
 """ChunkLLM cache: full keys/values plus the chunk bookkeeping that chunk-selective attention reads.
 
 Chunks are the spans between boundary tokens (a boundary token closes its chunk). For a query in chunk `c` the
-visible keys are the sink tokens, chunk `c` itself and the `top_k_chunks` closed chunks `c' < c` that score
-highest against the adapter query of chunk `c`'s first token (per KV head). The selection therefore changes only
-when a new chunk starts, i.e. right after the boundary adapter fired, and is the same in prefill and in decoding.
+visible keys are the sink tokens, chunk `c` itself, the `local_chunks` chunks before it and the `top_k_chunks`
+older chunks that score highest against the adapter query of chunk `c`'s first token (per KV head). The selection
+therefore changes only when a new chunk starts, i.e. right after the boundary adapter fired, and is the same in
+prefill and in decoding.
 """
 
 import torch
@@ -14,14 +15,16 @@ class ChunkLLMCache(Cache):
     r"""
     KV cache for [`ChunkLLMForCausalLM`]: keeps every key/value (so a chunk dropped now can be selected again after
     the next boundary) and, per layer, the running sums of the adapter keys of every chunk, the adapter query that
-    selects the open chunk's context and the gather indices of that selection for decoding.
+    selects the open chunk's context and, for decoding, the keys/values that selection reads: gathered once at the
+    chunk start, then grown by one token per step (the selection cannot change inside a chunk).
 
     Paper: ChunkLLM (Ouyang et al., 2025, arXiv:2510.02361), §3 chunk selection at boundary tokens.
 
     Args:
         num_hidden_layers (`int`): layers of the backbone.
-        top_k_chunks (`int`): closed chunks kept per KV head.
+        top_k_chunks (`int`): closed chunks selected per KV head, besides the local window.
         sink_tokens (`int`): first real tokens of every row that are always attended.
+        local_chunks (`int`, *optional*, defaults to 0): most recent closed chunks always attended.
 
     `kv_retention` is the fraction of the causally visible (query, key) pairs, over layers and KV heads, that the
     attention actually read since the cache was created.
@@ -29,10 +32,11 @@ class ChunkLLMCache(Cache):
 
     is_compileable = False
 
-    def __init__(self, num_hidden_layers: int, top_k_chunks: int, sink_tokens: int):
+    def __init__(self, num_hidden_layers: int, top_k_chunks: int, sink_tokens: int, local_chunks: int = 0):
         super().__init__(layers=[DynamicLayer() for _ in range(num_hidden_layers)])
         self.top_k_chunks = top_k_chunks
         self.sink_tokens = sink_tokens
+        self.local_chunks = local_chunks
         # shared by all layers, one entry per cached position
         self.chunk_of: torch.Tensor | None = None  # (B, L) chunk index, -1 for padding
         self.is_sink: torch.Tensor | None = None  # (B, L)
@@ -45,11 +49,15 @@ class ChunkLLMCache(Cache):
         self.block_starts: torch.Tensor | None = None  # (B, Lq) first tokens of chunks
         self.block_chunk_of: torch.Tensor | None = None  # (B, Lq)
         self.block_dense = True  # every query of the block sees all its closed chunks
+        self.block_visible: float | None = None  # causally visible (query, key) pairs of the block, per KV head
+        self.needs_adapter_queries = True  # a chunk starts in the block (or it is a prefill block)
         # per layer
         self.chunk_key_sums: list[torch.Tensor | None] = [None] * num_hidden_layers  # (B, H_kv, C, d)
         self.select_queries: list[torch.Tensor | None] = [None] * num_hidden_layers  # (B, H_kv, d)
         self.block_queries: list[torch.Tensor | None] = [None] * num_hidden_layers  # select_queries before the block
         self.decode_index: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_hidden_layers
+        # per layer (keys, values, keep, cache length) read by single-token steps: the selection, then the open chunk
+        self.decode_kv: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None] = [None] * num_hidden_layers
         self.adapter_states: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # filled by the adapter hooks
         self.attended = 0.0
         self.visible = 0.0
@@ -114,16 +122,20 @@ class ChunkLLMCache(Cache):
 
         self.block_starts = starts
         self.block_chunk_of = chunk_of
-        # a query in chunk c sees closed chunks 0..c-1: all of them are kept while c <= top_k
-        self.block_dense = num_chunks - 1 <= self.top_k_chunks
-        if starts.any() or length > 1:
+        self.block_visible = None
+        # a query in chunk c sees closed chunks 0..c-1: all of them are kept while c <= top_k + local
+        self.block_dense = num_chunks - 1 <= self.top_k_chunks + self.local_chunks
+        self.needs_adapter_queries = length > 1 or bool(starts.any())
+        if self.needs_adapter_queries:
             self.decode_index = [None] * len(self.decode_index)
+            self.decode_kv = [None] * len(self.decode_kv)
 
     def add_adapter_states(self, layer_idx: int, adapter_queries: torch.Tensor, adapter_keys: torch.Tensor) -> None:
         """Fold the block's adapter keys into the chunk sums and remember the query of the newest chunk start.
 
         Args:
-            adapter_queries (`torch.Tensor` of shape `(B, H_kv, Lq, d)`): Q-adapter outputs of the block.
+            adapter_queries (`torch.Tensor` of shape `(B, H_kv, Lq, d)` or `None`): Q-adapter outputs of the block,
+                `None` when `needs_adapter_queries` was False (a decoding step inside a chunk).
             adapter_keys (`torch.Tensor` of shape `(B, H_kv, Lq, d)`): K-adapter outputs of the block.
         """
         batch_size, num_kv_heads, length, dim = adapter_keys.shape
@@ -136,6 +148,9 @@ class ChunkLLMCache(Cache):
         real = (self.block_chunk_of >= 0)[:, None, :, None]  # (B, 1, Lq, 1)
         index = self.block_chunk_of.clamp(min=0)[:, None, :, None].expand(-1, num_kv_heads, -1, dim)
         self.chunk_key_sums[layer_idx] = sums.scatter_add(2, index, adapter_keys * real)  # (B, H_kv, C, d)
+        if adapter_queries is None:  # no chunk starts here: the selecting query stays
+            self.block_queries[layer_idx] = self.select_queries[layer_idx]
+            return
 
         in_block = torch.arange(length, device=adapter_keys.device)
         last_start = torch.where(self.block_starts, in_block, -1).amax(dim=1)  # (B,)
@@ -154,7 +169,7 @@ class ChunkLLMCache(Cache):
         return self.chunk_key_sums[layer_idx] / sizes
 
     def select_chunks(self, layer_idx: int, queries: torch.Tensor, query_chunks: torch.Tensor) -> torch.Tensor:
-        """Top-k closed chunks for each query.
+        """The local window and the top-k older closed chunks for each query.
 
         Args:
             queries (`torch.Tensor` of shape `(B, H_kv, Lq, d)`): selecting adapter queries.
@@ -166,13 +181,15 @@ class ChunkLLMCache(Cache):
         chunk_keys = self.chunk_keys(layer_idx)  # (B, H_kv, C, d)
         num_chunks = chunk_keys.shape[2]
         chunk_index = torch.arange(num_chunks, device=chunk_keys.device)
+        closed = chunk_index < query_chunks[:, :, None]  # (B, Lq, C)
+        local = closed & (chunk_index >= query_chunks[:, :, None] - self.local_chunks)  # (B, Lq, C)
+        candidates = closed & ~local
         # ties (identical chunks) go to the more recent chunk, whatever the summation order of the chunk keys
         scores = queries @ chunk_keys.transpose(-1, -2) + 1e-6 * chunk_index  # (B, H_kv, Lq, C)
-        closed = chunk_index < query_chunks[:, :, None]  # (B, Lq, C)
-        scores = scores.masked_fill(~closed[:, None], float("-inf"))
+        scores = scores.masked_fill(~candidates[:, None], float("-inf"))
         top = scores.topk(min(self.top_k_chunks, num_chunks), dim=-1).indices
         selected = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
-        return selected & closed[:, None]
+        return (selected & candidates[:, None]) | local[:, None]
 
     def block_keep_mask(self, layer_idx: int, adapter_queries: torch.Tensor) -> torch.Tensor:
         """Keys each query of the block may read: sinks, its own chunk and its chunk's selection.
@@ -223,10 +240,12 @@ class ChunkLLMCache(Cache):
 
     def count(self, attended: torch.Tensor | float, num_kv_heads: int) -> None:
         """Add the block's attended (query, key) pairs; visible pairs are the real tokens up to each real query."""
-        real = self.block_chunk_of >= 0  # (B, Lq)
-        seen_before = self.real_seen - real.sum(dim=1)  # (B,)
-        visible_per_query = seen_before[:, None] + real.cumsum(dim=1)  # (B, Lq)
-        visible = float((visible_per_query * real).sum().item()) * num_kv_heads
+        if self.block_visible is None:  # the same for every layer: computed by the first one
+            real = self.block_chunk_of >= 0  # (B, Lq)
+            seen_before = self.real_seen - real.sum(dim=1)  # (B,)
+            visible_per_query = seen_before[:, None] + real.cumsum(dim=1)  # (B, Lq)
+            self.block_visible = float((visible_per_query * real).sum().item())
+        visible = self.block_visible * num_kv_heads
         self.visible += visible
         self.attended += visible if attended is None else float(attended)
 
@@ -240,6 +259,7 @@ class ChunkLLMCache(Cache):
                 self.chunk_key_sums[layer_idx] = sums.index_select(0, beam_idx)
                 self.select_queries[layer_idx] = self.select_queries[layer_idx].index_select(0, beam_idx)
         self.decode_index = [None] * len(self.decode_index)
+        self.decode_kv = [None] * len(self.decode_kv)
 
 
 __all__ = ["ChunkLLMCache"]

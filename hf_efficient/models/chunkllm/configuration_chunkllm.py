@@ -24,8 +24,14 @@ class ChunkLLMConfig(PreTrainedConfig):
         boundary_hidden_size (`int`, *optional*, defaults to 64):
             Hidden width of the chunk-boundary adapter (one hidden layer).
         top_k_chunks (`int`, *optional*, defaults to 8):
-            Closed chunks each KV head keeps besides the sink tokens and the current chunk. With at least as many
-            as there are chunks, outputs equal the backbone's exactly.
+            Closed chunks each KV head selects (by adapter score) besides the sink tokens, the local window and the
+            current chunk. With `top_k_chunks + local_chunks` at least the number of chunks, outputs equal the
+            backbone's exactly.
+        local_chunks (`int`, *optional*, defaults to 4):
+            Most recent closed chunks every query reads whatever their score (a local window, like the recent
+            tokens of StreamingLLM); the adapters pick the `top_k_chunks` among the older ones. Mean-pooled adapter
+            keys carry no position, so without it the adapters miss much of the attention to the last few
+            chunks, which a small decoder mostly attends to. Counted in `kv_retention`; 0 disables it.
         sink_tokens (`int`, *optional*, defaults to 4):
             First tokens of every sequence that are always attended (attention sinks).
         boundary_threshold (`float`, *optional*, defaults to 0.5):
@@ -56,6 +62,7 @@ class ChunkLLMConfig(PreTrainedConfig):
     adapter_dim: int = 32
     boundary_hidden_size: int = 64
     top_k_chunks: int = 8
+    local_chunks: int = 4
     sink_tokens: int = 4
     boundary_threshold: float = 0.5
     prefill_block_size: int = 512
@@ -68,8 +75,9 @@ class ChunkLLMConfig(PreTrainedConfig):
         for name in ("adapter_dim", "boundary_hidden_size", "top_k_chunks", "prefill_block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
-        if self.sink_tokens < 0:
-            raise ValueError(f"sink_tokens={self.sink_tokens} must be >= 0")
+        for name in ("sink_tokens", "local_chunks"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if not 0.0 < self.boundary_threshold < 1.0:
             raise ValueError(f"boundary_threshold={self.boundary_threshold} must lie strictly between 0 and 1")
 

@@ -32,9 +32,14 @@ class ChunkLLMDistillation:
 
     Args:
         boundary_labels (`torch.Tensor` of shape `(B, L)`): 1 where a token closes its chunk.
+        local_chunks (`int`, *optional*, defaults to 0): chunks before each query's own that inference always
+            keeps; the adapters are distilled only on the older chunks, the ones they choose among.
     """
 
-    def __init__(self, boundary_labels: torch.Tensor):
+    needs_adapter_queries = True
+
+    def __init__(self, boundary_labels: torch.Tensor, local_chunks: int = 0):
+        self.local_chunks = local_chunks
         labels = boundary_labels.long()
         self.chunk_of = labels.cumsum(dim=1) - labels  # (B, L) closed chunks before each token
         num_chunks = int(self.chunk_of.max().item()) + 1
@@ -43,7 +48,8 @@ class ChunkLLMDistillation:
         self.losses: list[torch.Tensor] = []
 
     def add_layer(self, query: torch.Tensor, key: torch.Tensor, scaling: float, groups: int, layer_idx: int) -> None:
-        """KL(teacher || adapters) over the closed chunks of every query, averaged over queries with >= 2 of them.
+        """KL(teacher || adapters) over the candidate chunks of every query (closed, older than the local window),
+        averaged over queries with >= 2 of them.
 
         Args:
             query (`torch.Tensor` of shape `(B, H, L, D)`): backbone queries (after RoPE).
@@ -51,20 +57,21 @@ class ChunkLLMDistillation:
         """
         adapter_queries, adapter_keys = self.adapter_states.pop(layer_idx)  # (B, H_kv, L, d)
         batch_size, num_kv_heads, length, _ = adapter_keys.shape
-        closed = torch.arange(self.one_hot.shape[-1], device=query.device) < self.chunk_of[:, :, None]  # (B, L, C)
+        chunk_index = torch.arange(self.one_hot.shape[-1], device=query.device)
+        candidates = chunk_index < self.chunk_of[:, :, None] - self.local_chunks  # (B, L, C) the candidates
         with torch.no_grad():
             scores = (query @ repeat_kv(key, groups).transpose(-1, -2)).float() * scaling  # (B, H, L, L)
             causal = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
             probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
             probs = probs.view(batch_size, num_kv_heads, groups, length, length).mean(dim=2)  # (B, H_kv, L, L)
-            teacher = (probs @ self.one_hot[:, None]) * closed[:, None]  # (B, H_kv, L, C)
+            teacher = (probs @ self.one_hot[:, None]) * candidates[:, None]  # (B, H_kv, L, C)
             teacher = teacher / teacher.sum(dim=-1, keepdim=True).clamp(min=1e-9)
         sizes = self.one_hot.sum(dim=1).clamp(min=1)[:, None, :, None]  # (B, 1, C, 1)
         chunk_keys = (self.one_hot.transpose(1, 2)[:, None] @ adapter_keys) / sizes  # (B, H_kv, C, d)
-        logits = (adapter_queries @ chunk_keys.transpose(-1, -2)).masked_fill(~closed[:, None], _MASKED)
+        logits = (adapter_queries @ chunk_keys.transpose(-1, -2)).masked_fill(~candidates[:, None], _MASKED)
         log_student = logits.log_softmax(dim=-1)  # (B, H_kv, L, C)
         kl = torch.where(teacher > 0, teacher * (teacher.clamp(min=1e-9).log() - log_student), 0.0).sum(dim=-1)
-        weight = (closed.sum(dim=-1) >= 2).float()[:, None].expand_as(kl)  # (B, H_kv, L)
+        weight = (candidates.sum(dim=-1) >= 2).float()[:, None].expand_as(kl)  # (B, H_kv, L)
         self.losses.append((kl * weight).sum() / weight.sum().clamp(min=1.0))
 
 
@@ -126,20 +133,36 @@ def _decode_attention(
     attention_mask: torch.Tensor | None,
     scaling: float,
 ) -> tuple[torch.Tensor, None]:
-    """One query token: gather the selected positions, append the open chunk, attend per KV head group."""
+    """One query token: the selected positions and the open chunk, attended per KV head group.
+
+    The selection is fixed inside a chunk, so its keys/values are gathered at the first step after a chunk start
+    and kept in the cache; later steps only append the new token (the same values as a fresh gather, without
+    re-reading the selected positions every step).
+    """
     batch_size, num_heads, _, head_dim = query.shape
     num_kv_heads, length = key.shape[1], key.shape[2]
-    index, valid = cache.decode_positions(layer_idx)  # (B, H_kv, M)
-    tail_start = int(cache.current_start.min().item())
-    gather = index[..., None].expand(-1, -1, -1, head_dim)
-    keys = torch.cat([key.gather(2, gather), key[:, :, tail_start:]], dim=2)  # (B, H_kv, M + T, D)
-    values = torch.cat([value.gather(2, gather), value[:, :, tail_start:]], dim=2)
-    tail = torch.arange(tail_start, length, device=key.device) >= cache.current_start[:, None]  # (B, T)
-    keep = torch.cat([valid, tail[:, None].expand(-1, num_kv_heads, -1)], dim=-1)  # (B, H_kv, M + T)
-    if attention_mask is not None:
-        row = _as_bool(attention_mask[:, 0, -1]).expand(batch_size, length)  # (B, L)
-        row = row[:, None].expand(-1, num_kv_heads, -1)
-        keep = keep & torch.cat([row.gather(2, index), row[..., tail_start:]], dim=-1)
+    cached = cache.decode_kv[layer_idx]
+    if cached is not None and cached[3] == length - 1:
+        keys, values, keep, _ = cached
+        new_keep = torch.ones_like(keep[..., :1])  # (B, H_kv, 1)
+        if attention_mask is not None:
+            new_keep = new_keep & _as_bool(attention_mask[:, 0, -1, -1:]).expand(batch_size, 1)[:, None]
+        keys = torch.cat([keys, key[:, :, -1:]], dim=2)  # (B, H_kv, M + T, D)
+        values = torch.cat([values, value[:, :, -1:]], dim=2)
+        keep = torch.cat([keep, new_keep], dim=-1)  # (B, H_kv, M + T)
+    else:
+        index, valid = cache.decode_positions(layer_idx)  # (B, H_kv, M)
+        tail_start = int(cache.current_start.min().item())
+        gather = index[..., None].expand(-1, -1, -1, head_dim)
+        keys = torch.cat([key.gather(2, gather), key[:, :, tail_start:]], dim=2)  # (B, H_kv, M + T, D)
+        values = torch.cat([value.gather(2, gather), value[:, :, tail_start:]], dim=2)
+        tail = torch.arange(tail_start, length, device=key.device) >= cache.current_start[:, None]  # (B, T)
+        keep = torch.cat([valid, tail[:, None].expand(-1, num_kv_heads, -1)], dim=-1)  # (B, H_kv, M + T)
+        if attention_mask is not None:
+            row = _as_bool(attention_mask[:, 0, -1]).expand(batch_size, length)  # (B, L)
+            row = row[:, None].expand(-1, num_kv_heads, -1)
+            keep = keep & torch.cat([row.gather(2, index), row[..., tail_start:]], dim=-1)
+    cache.decode_kv[layer_idx] = (keys, values, keep, length)
     cache.count(keep.sum(), num_kv_heads)
     grouped = query.view(batch_size, num_kv_heads, num_heads // num_kv_heads, head_dim)  # (B, H_kv, G, D)
     out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=keep[:, :, None], scale=scaling)
@@ -194,12 +217,17 @@ class ChunkLLMQKAdapter(nn.Module):
         self.q_proj = nn.Linear(backbone.hidden_size, width, bias=False)
         self.k_proj = nn.Linear(backbone.hidden_size, width, bias=False)
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L, E) -> adapter queries (scaled by 1/sqrt(d)) and keys, each (B, H_kv, L, d), in float32."""
+    def forward(
+        self, hidden_states: torch.Tensor, with_queries: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(B, L, E) -> adapter queries (scaled by 1/sqrt(d); `None` unless `with_queries`) and keys, each
+        (B, H_kv, L, d), in float32. Decoding steps inside a chunk need only the keys."""
         hidden_states = hidden_states.to(self.q_proj.weight.dtype)
         shape = (*hidden_states.shape[:-1], self.num_key_value_heads, self.adapter_dim)
-        queries = self.q_proj(hidden_states).view(shape).transpose(1, 2) * self.adapter_dim**-0.5
         keys = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        if not with_queries:
+            return None, keys.float()
+        queries = self.q_proj(hidden_states).view(shape).transpose(1, 2) * self.adapter_dim**-0.5
         return queries.float(), keys.float()
 
 
@@ -231,7 +259,8 @@ def _run_qk_adapter(module: nn.Module, args: tuple, kwargs: dict) -> None:
         state = kwargs.get("chunkllm_distillation")
     if state is not None:
         hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        state.adapter_states[module.layer_idx] = kwargs["chunkllm_adapters"][module.layer_idx](hidden_states)
+        adapter = kwargs["chunkllm_adapters"][module.layer_idx]
+        state.adapter_states[module.layer_idx] = adapter(hidden_states, state.needs_adapter_queries)
 
 
 def _hook_attention_inputs(backbone: PreTrainedModel) -> None:
@@ -284,8 +313,9 @@ class ChunkLLMForCausalLM(ChunkLLMPreTrainedModel, GenerationMixin):
     r"""
     A frozen causal LM with ChunkLLM adapters: per-layer Q/K adapters score chunks of the KV cache, a boundary
     adapter on the bottom layer closes chunks, and each attention layer reads only the sink tokens, the current
-    chunk and the `top_k_chunks` best closed chunks per KV head. The selection is recomputed only at chunk starts
-    (right after a boundary). `kv_retention` holds the fraction of visible keys read by the last call.
+    chunk, the `local_chunks` chunks before it and the `top_k_chunks` best older chunks per KV head. The selection
+    is recomputed only at chunk starts (right after a boundary). `kv_retention` holds the fraction of visible keys
+    read by the last call.
 
     Paper: ChunkLLM: A Lightweight Pluggable Framework for Accelerating LLMs Inference (Ouyang et al., 2025,
     arXiv:2510.02361).
@@ -294,7 +324,7 @@ class ChunkLLMForCausalLM(ChunkLLMPreTrainedModel, GenerationMixin):
 
     ```python
     >>> from hf_efficient.models import ChunkLLMForCausalLM
-    >>> model = ChunkLLMForCausalLM.from_backbone("path/to/llama", top_k_chunks=8, sink_tokens=4)
+    >>> model = ChunkLLMForCausalLM.from_backbone("path/to/llama", top_k_chunks=8, local_chunks=4)
     >>> out = model.generate(input_ids, max_new_tokens=32)
     >>> model.kv_retention
     0.47
@@ -331,11 +361,11 @@ class ChunkLLMForCausalLM(ChunkLLMPreTrainedModel, GenerationMixin):
 
         Args:
             backbone_or_path (`PreTrainedModel` or `str`): the backbone, or where `AutoModelForCausalLM` loads it.
-            top_k_chunks (`int`, *optional*, defaults to 8): closed chunks kept per KV head.
+            top_k_chunks (`int`, *optional*, defaults to 8): older closed chunks selected per KV head.
             sink_tokens (`int`, *optional*, defaults to 4): first tokens always attended.
             backbone_kwargs (`dict`, *optional*): `from_pretrained` arguments for the backbone, e.g.
                 `{"quantization_config": BitsAndBytesConfig(load_in_4bit=True)}`.
-            **config_kwargs: other [`ChunkLLMConfig`] fields (`adapter_dim`, `boundary_threshold`, ...).
+            **config_kwargs: other [`ChunkLLMConfig`] fields (`local_chunks`, `adapter_dim`, ...).
         """
         if isinstance(backbone_or_path, (str, os.PathLike)):
             backbone = AutoModelForCausalLM.from_pretrained(backbone_or_path, **(backbone_kwargs or {}))
@@ -371,7 +401,9 @@ class ChunkLLMForCausalLM(ChunkLLMPreTrainedModel, GenerationMixin):
     def new_cache(self) -> ChunkLLMCache:
         """An empty [`ChunkLLMCache`] sized for the backbone."""
         config = self.config
-        return ChunkLLMCache(config.backbone_config.num_hidden_layers, config.top_k_chunks, config.sink_tokens)
+        return ChunkLLMCache(
+            config.backbone_config.num_hidden_layers, config.top_k_chunks, config.sink_tokens, config.local_chunks
+        )
 
     def boundary_probabilities(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """Probability that each token closes its chunk, `(B, L)`."""
@@ -456,7 +488,7 @@ class ChunkLLMForCausalLM(ChunkLLMPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         """Backbone with full attention; loss = mean KL over layers + boundary_loss_weight * BCE."""
         kwargs.pop("num_items_in_batch", None)
-        distillation = ChunkLLMDistillation(boundary_labels)
+        distillation = ChunkLLMDistillation(boundary_labels, self.config.local_chunks)
         self.backbone(
             inputs_embeds=inputs_embeds,
             use_cache=False,
