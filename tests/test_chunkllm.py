@@ -130,6 +130,45 @@ def test_cached_decode_selection_equals_a_fresh_gather(arch):
     torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
 
 
+def test_cache_layers_append_in_place_and_equal_concatenation():
+    """Keys/values grow inside a buffer with spare room (no whole-cache copy per token), equal to `torch.cat`."""
+    from hf_efficient.models.chunkllm.cache_chunkllm import ChunkLLMLayer
+
+    layer, chunks = ChunkLLMLayer(), [torch.randn(2, 3, n, 4) for n in (5, 1, 1, 300, 1)]
+    pointers = []
+    for i, chunk in enumerate(chunks):
+        keys, values = layer.update(chunk, -chunk)
+        expected = torch.cat(chunks[: i + 1], dim=2)
+        assert torch.equal(keys, expected) and torch.equal(values, -expected)
+        assert layer.get_seq_length() == expected.shape[2]
+        pointers.append(keys.data_ptr())
+    assert pointers[0] == pointers[1] == pointers[2] != pointers[3] == pointers[4]  # grown once, at the 300
+    layer.batch_select_indices(torch.tensor([1]))  # replaced keys: the next update starts a new buffer
+    keys, _ = layer.update(torch.ones(1, 3, 1, 4), torch.ones(1, 3, 1, 4))
+    assert torch.equal(keys, torch.cat([torch.cat(chunks, dim=2)[1:], torch.ones(1, 3, 1, 4)], dim=2))
+
+
+def test_copied_cache_decodes_like_the_original():
+    """The decode benchmark times copies of one prefilled cache: a deep copy must continue exactly alike."""
+    import copy
+
+    model = _chunky(tiny_causal_lm("llama"), top_k_chunks=2, sink_tokens=1)
+    input_ids, _ = _prompt(batch_size=1, length=30)
+    runs = []
+    with torch.no_grad():
+        cache = model.new_cache()
+        first = model(input_ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(dim=-1)
+        for copied in (copy.deepcopy(cache), cache):
+            token, steps = first, []
+            for _ in range(12):
+                logits = model(token, past_key_values=copied, use_cache=True).logits
+                token = logits[:, -1:].argmax(dim=-1)
+                steps.append(logits)
+            runs.append(torch.cat(steps, dim=1))
+    assert model.kv_retention < 1.0
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+
+
 def test_wrappers_sharing_a_backbone_keep_their_own_adapters():
     backbone = tiny_causal_lm("llama")
     first = _chunky(backbone, top_k_chunks=2, sink_tokens=2)

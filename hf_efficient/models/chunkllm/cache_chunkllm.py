@@ -11,6 +11,57 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 
+def _append(
+    buffer: torch.Tensor | None, current: torch.Tensor, new: torch.Tensor, dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.cat([current, new], dim)` written into `buffer`, which holds `current` at its start and spare room.
+
+    Returns `(buffer, view of current + new)`. A full buffer is reallocated with a quarter (at least 256 entries)
+    of spare room, so appending one token copies one token, not the whole cache (amortised O(1) instead of the
+    O(length) of `torch.cat`), for at most 25% more memory. A `current` that is not the buffer's view (replaced
+    from outside) is copied into a fresh buffer.
+    """
+    used = current.shape[dim] if current.numel() else 0
+    needed = used + new.shape[dim]
+    shared = buffer is not None and (used == 0 or current.data_ptr() == buffer.data_ptr())
+    if not shared or buffer.shape[dim] < needed or buffer.shape[:dim] != new.shape[:dim]:
+        shape = list(new.shape)
+        shape[dim] = needed + max(needed // 4, 256)
+        grown = new.new_empty(shape)
+        if used:
+            grown.narrow(dim, 0, used).copy_(current)
+        buffer = grown
+    buffer.narrow(dim, used, new.shape[dim]).copy_(new)
+    return buffer, buffer.narrow(dim, 0, needed)
+
+
+class ChunkLLMLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys/values live in a buffer with spare room: `update` writes the new tokens in place
+    and returns views, so a decoding step no longer copies the whole cache (the keys a step reads are the small
+    selection, see `_decode_attention`). Operations that replace `keys`/`values` (beam reordering, batch
+    selection) simply start a new buffer at the next `update`."""
+
+    is_croppable = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._key_buffer: torch.Tensor | None = None
+        self._value_buffer: torch.Tensor | None = None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._key_buffer, self.keys = _append(self._key_buffer, self.keys, key_states, dim=-2)
+        self._value_buffer, self.values = _append(self._value_buffer, self.values, value_states, dim=-2)
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        super().reset()
+        self._key_buffer = self._value_buffer = None
+
+
 class ChunkLLMCache(Cache):
     r"""
     KV cache for [`ChunkLLMForCausalLM`]: keeps every key/value (so a chunk dropped now can be selected again after
@@ -33,7 +84,7 @@ class ChunkLLMCache(Cache):
     is_compileable = False
 
     def __init__(self, num_hidden_layers: int, top_k_chunks: int, sink_tokens: int, local_chunks: int = 0):
-        super().__init__(layers=[DynamicLayer() for _ in range(num_hidden_layers)])
+        super().__init__(layers=[ChunkLLMLayer() for _ in range(num_hidden_layers)])
         self.top_k_chunks = top_k_chunks
         self.sink_tokens = sink_tokens
         self.local_chunks = local_chunks
@@ -59,6 +110,8 @@ class ChunkLLMCache(Cache):
         # per layer (keys, values, keep, cache length) read by single-token steps: the selection, then the open chunk
         self.decode_kv: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None] = [None] * num_hidden_layers
         self.adapter_states: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # filled by the adapter hooks
+        self._chunk_of_buffer: torch.Tensor | None = None  # chunk_of / is_sink are views of these (room to grow)
+        self._is_sink_buffer: torch.Tensor | None = None
         self.attended = 0.0
         self.visible = 0.0
 
@@ -111,8 +164,8 @@ class ChunkLLMCache(Cache):
         self.current_chunk = self.current_chunk + starts.sum(dim=1)
         self.chunk_pending = closes[:, -1]
         self.real_seen = self.real_seen + real.sum(dim=1)
-        self.chunk_of = torch.cat([self.chunk_of, chunk_of], dim=1)
-        self.is_sink = torch.cat([self.is_sink, is_sink], dim=1)
+        self._chunk_of_buffer, self.chunk_of = _append(self._chunk_of_buffer, self.chunk_of, chunk_of, dim=1)
+        self._is_sink_buffer, self.is_sink = _append(self._is_sink_buffer, self.is_sink, is_sink, dim=1)
 
         num_chunks = int(self.current_chunk.max().item()) + 1
         grow = num_chunks - self.chunk_sizes.shape[1]
@@ -147,7 +200,7 @@ class ChunkLLMCache(Cache):
             sums = torch.nn.functional.pad(sums, (0, 0, 0, num_chunks - sums.shape[2]))
         real = (self.block_chunk_of >= 0)[:, None, :, None]  # (B, 1, Lq, 1)
         index = self.block_chunk_of.clamp(min=0)[:, None, :, None].expand(-1, num_kv_heads, -1, dim)
-        self.chunk_key_sums[layer_idx] = sums.scatter_add(2, index, adapter_keys * real)  # (B, H_kv, C, d)
+        self.chunk_key_sums[layer_idx] = sums.scatter_add_(2, index, adapter_keys * real)  # (B, H_kv, C, d)
         if adapter_queries is None:  # no chunk starts here: the selecting query stays
             self.block_queries[layer_idx] = self.select_queries[layer_idx]
             return
@@ -231,9 +284,13 @@ class ChunkLLMCache(Cache):
             keep |= self.is_sink[:, None]
             positions = torch.arange(length, device=keep.device)
             keep &= (positions < self.current_start[:, None])[:, None]  # (B, H_kv, L), the open chunk comes apart
-            counts = keep.sum(dim=-1)  # (B, H_kv)
+            # kept positions in ascending order, padded with position 0: each scattered to its rank (no sort over L)
+            rank = keep.cumsum(dim=-1) - 1  # (B, H_kv, L)
+            counts = rank[..., -1] + 1  # (B, H_kv)
             width = int(counts.max().item())
-            index = keep.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[..., :width]
+            index = torch.zeros(*keep.shape[:2], width + 1, dtype=torch.long, device=keep.device)
+            index.scatter_(-1, torch.where(keep, rank, width), positions.expand_as(keep))
+            index = index[..., :width]  # slot `width` collected the dropped positions
             valid = torch.arange(width, device=keep.device) < counts[..., None]
             self.decode_index[layer_idx] = (index, valid)
         return self.decode_index[layer_idx]

@@ -187,17 +187,23 @@ def _block_attention(
         positions = torch.arange(length, device=key.device)
         attention_mask = positions[None, :] <= positions[length - query_length :, None]  # (Lq, L) causal
     keep = keep & _as_bool(attention_mask)
-    real_queries = (cache.block_chunk_of >= 0)[:, None, :, None]
-    cache.count((keep & real_queries).sum(), num_kv_heads)
-    groups = query.shape[1] // num_kv_heads
+    if bool((cache.block_chunk_of < 0).any()):
+        cache.count(torch.count_nonzero(keep & (cache.block_chunk_of >= 0)[:, None, :, None]), num_kv_heads)
+    else:
+        cache.count(torch.count_nonzero(keep), num_kv_heads)
+    # each KV head with its query group as one batch entry: the mask (one per KV head) broadcasts over the group,
+    # so neither the mask nor the keys/values are repeated per query head
+    batch_size, num_heads, _, head_dim = query.shape
+    groups = num_heads // num_kv_heads
+    flat = (batch_size * num_kv_heads, groups, query_length, head_dim)
     out = F.scaled_dot_product_attention(
-        query,
-        repeat_kv(key, groups),
-        repeat_kv(value, groups),
-        attn_mask=keep.repeat_interleave(groups, dim=1),
+        query.reshape(flat),
+        key.reshape(batch_size * num_kv_heads, 1, length, head_dim).expand(-1, groups, -1, -1),
+        value.reshape(batch_size * num_kv_heads, 1, length, head_dim).expand(-1, groups, -1, -1),
+        attn_mask=keep.reshape(batch_size * num_kv_heads, 1, query_length, length),
         scale=scaling,
-    )  # (B, H, Lq, D)
-    return out.transpose(1, 2), None
+    )  # (B * H_kv, G, Lq, D)
+    return out.view(batch_size, num_heads, query_length, head_dim).transpose(1, 2), None
 
 
 AttentionInterface.register(ATTENTION_NAME, chunkllm_attention_forward)
