@@ -2,9 +2,16 @@
 
 Paper: Zero-Shot Tokenizer Transfer (Minixhofer, Ponti, Vulić, NeurIPS 2024, arXiv:2405.07883), §3.3.
 
-Every batch trains a new BPE tokenizer on its own texts with `tokenizers` (random vocabulary size, the base
-tokenizer's normalizer and pre-tokenizer), decomposes each sampled token into base ids and asks the
-hypernetwork for its embeddings. The frozen base then reads the batch in the sampled tokenization:
+Every batch is re-tokenized on the fly, then each of its tokens is decomposed into base ids and the hypernetwork
+predicts its embeddings (base tokens keep their own rows, as in `RetrofittedModel`). Two samplers:
+
+- `tokenization="bpe"` (ZeTT): a new BPE tokenizer trained on the batch's own texts with `tokenizers` (random
+  vocabulary size, the base tokenizer's normalizer and pre-tokenizer), for tokenizer transfer in general;
+- `tokenization="merges"`: `DynamicBPE` merges of the batch at a random target reduction, i.e. the tokenizations
+  a retrofitted model meets (merges within words also join punctuation, `"none,"`, which the base pre-tokenizer
+  never lets a sampled BPE learn).
+
+The frozen base then reads the batch in the sampled tokenization:
 
 - causal LMs: next-token loss over the sampled vocabulary, with predicted input and output embeddings;
 - encoders without an LM head (all-MiniLM-L6-v2 ships none): the mean-pooled sentence embedding must match
@@ -14,7 +21,7 @@ plus `lexical_weight` x MSE to the original embeddings on tokens both vocabulari
 `identity_steps` steps are the identity warm-up (single base tokens must map to their own embeddings).
 
 ```bash
-python recipes/train_hypernet.py --base minilm --output-dir runs/hypernet-minilm --max-steps 300
+python recipes/train_hypernet.py --base minilm --output-dir runs/hn-minilm --tokenization merges --chunk-chars 300
 accelerate launch recipes/train_hypernet.py --base reference-target --output-dir runs/hypernet-target
 hf-efficient train train_hypernet -- --base minilm --output-dir runs/h --max-steps 50   # resumes if present
 ```
@@ -33,6 +40,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_efficient.models import EmbeddingHypernetwork
+from hf_efficient.tokenization.dynamic_bpe import DynamicBPE
 from hf_efficient.tokenization.retrofit import mean_pool
 from hf_efficient.tokenization.vocabulary import (
     continuing_prefix,
@@ -42,7 +50,15 @@ from hf_efficient.tokenization.vocabulary import (
     special_affixes,
 )
 
-__all__ = ["HypernetTrainer", "SampledTokenizerCollator", "load_base", "main", "train_hypernet", "training_texts"]
+__all__ = [
+    "DynamicMergeCollator",
+    "HypernetTrainer",
+    "SampledTokenizerCollator",
+    "load_base",
+    "main",
+    "train_hypernet",
+    "training_texts",
+]
 
 
 class SampledTokenizerCollator:
@@ -90,19 +106,35 @@ class SampledTokenizerCollator:
         sampled.train_from_iterator(texts, trainer)
         return sampled
 
-    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        texts = [f["text"] for f in features]
+    def truncate(self, texts: list[str]) -> list[str]:
+        """`texts` cut after their first `max_length` base tokens (specials included), so that the sampled
+        tokenization and the base one (the encoder target) read the same text."""
+        keep = self.max_length - len(self.bos) - len(self.eos)
+        encodings = self.base.encode_batch(texts, add_special_tokens=False)
+        return [t if len(e.offsets) <= keep else t[: e.offsets[keep - 1][1]] for t, e in zip(texts, encodings)]
+
+    def tokenize(self, texts: list[str]) -> tuple[list[list[int]], list[list[int]]]:
+        """Rows of local ids (specials included) and the base decomposition of each local id."""
         sampled = self.sample_tokenizer(texts)
         vocab = sorted(sampled.get_vocab().items(), key=lambda kv: kv[1])
         pieces = decompose(self.tokenizer, [token for token, _ in vocab])
         unk = self.tokenizer.unk_token_id
         pieces = [p if p else [unk if unk is not None else 0] for p in pieces]
+        return self._wrap([e.ids for e in sampled.encode_batch(texts)], pieces)
+
+    def _wrap(self, bodies: list[list[int]], pieces: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:
+        """Append the special tokens to the local vocabulary and wrap each body in them."""
         specials = {s: len(pieces) + k for k, s in enumerate(dict.fromkeys(self.bos + self.eos))}
-        pieces += [[s] for s in specials]
+        pieces = pieces + [[s] for s in specials]
         rows = []
-        for encoding in sampled.encode_batch(texts):
-            body = encoding.ids[: self.max_length - len(self.bos) - len(self.eos)]
+        for body in bodies:
+            body = body[: self.max_length - len(self.bos) - len(self.eos)]
             rows.append([specials[s] for s in self.bos] + body + [specials[s] for s in self.eos])
+        return rows, pieces
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        texts = self.truncate([f["text"] for f in features])
+        rows, pieces = self.tokenize(texts)
         length = max(len(r) for r in rows)
         input_ids = torch.zeros((len(rows), length), dtype=torch.long)  # (B, L) local ids
         attention_mask = torch.zeros_like(input_ids)
@@ -123,6 +155,47 @@ class SampledTokenizerCollator:
             "base_input_ids": base["input_ids"],
             "base_attention_mask": base["attention_mask"],
         }
+
+
+class DynamicMergeCollator(SampledTokenizerCollator):
+    """Collate raw texts into a batch tokenized by `DynamicBPE` merges at a random target reduction.
+
+    Same batch format as `SampledTokenizerCollator`; the local vocabulary is the batch's base tokens (kept
+    as they are) and its merged tokens.
+
+    Args:
+        tokenizer (`PreTrainedTokenizerBase`): the base tokenizer (a fast one: merges use its offsets).
+        max_surface_length (`int`): columns of the decomposition matrix (the hypernetwork's limit).
+        merge_range (`tuple[float, float]`, *optional*, defaults to `(0.05, 0.4)`): target reductions sampled
+            per batch (0.2 = merge until the batch is 20% shorter).
+        boundary (`str`, *optional*, defaults to `"word"`): `DynamicBPE` boundary rule.
+        max_length (`int`, *optional*, defaults to 128): base tokens per text at most (specials included).
+        seed (`int`, *optional*, defaults to 0): seed of the reduction sampler.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        max_surface_length: int,
+        merge_range: tuple[float, float] = (0.05, 0.4),
+        boundary: str = "word",
+        max_length: int = 128,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(tokenizer, max_surface_length, max_length=max_length, seed=seed)
+        if not 0 < merge_range[0] <= merge_range[1] < 1:
+            raise ValueError(
+                f"merge_range={merge_range} must be (low, high) with 0 < low <= high < 1, e.g. (0.05, 0.4)"
+            )
+        self.merge_range, self.dynamic = merge_range, DynamicBPE(tokenizer, boundary)
+
+    def tokenize(self, texts: list[str]) -> tuple[list[list[int]], list[list[int]]]:
+        self.dynamic.target_reduction = self.rng.uniform(*self.merge_range)  # this batch's reduction
+        batch = self.dynamic(texts)
+        used = sorted({uid for seq in batch.sequences for uid in seq})
+        local = {uid: i for i, uid in enumerate(used)}
+        pieces = [list(batch.decomposition(uid)) for uid in used]
+        return self._wrap([[local[uid] for uid in seq] for seq in batch.sequences], pieces)
 
 
 class HypernetTrainer(Trainer):
@@ -159,7 +232,12 @@ class HypernetTrainer(Trainer):
             loss = hypernet.identity_loss(ids)
             return (loss, {}) if return_outputs else loss
         pred = model(inputs["surface_ids"])
-        e_in = pred.input_embeddings  # (n, E)
+        shared = inputs["shared_base_ids"]  # (n,) base id or -1
+        keep = shared >= 0
+        source = hypernet.source_embeddings[shared.clamp_min(0)]  # (n, E or 2E)
+        dim = hypernet.config.embedding_dim
+        # base tokens read their own rows, as in RetrofittedModel: the main loss only trains new tokens' rows
+        e_in = torch.where(keep[:, None], source[:, :dim], pred.input_embeddings)  # (n, E)
         e_out = pred.output_embeddings if pred.output_embeddings is not None else e_in  # (n, E)
         embeds = e_in[inputs["input_ids"]]  # (B, L, E)
         mask = inputs["attention_mask"]  # (B, L)
@@ -175,15 +253,11 @@ class HypernetTrainer(Trainer):
                 ).last_hidden_state
                 target = mean_pool(target, inputs["base_attention_mask"])  # (B, E)
             main = (1 - nn.functional.cosine_similarity(mean_pool(hidden, mask), target, dim=-1)).mean()
-        shared = inputs["shared_base_ids"]  # (n,)
-        keep = shared >= 0
         lexical = e_in.new_zeros(())
-        if keep.any():
-            source = hypernet.source_embeddings[shared[keep]]  # (s, E or 2E)
-            dim = hypernet.config.embedding_dim
-            lexical = nn.functional.mse_loss(e_in[keep], source[:, :dim])
+        if keep.any():  # shared tokens: the predictions themselves stay close to the base rows
+            lexical = nn.functional.mse_loss(pred.input_embeddings[keep], source[keep, :dim])
             if pred.output_embeddings is not None:
-                lexical = lexical + nn.functional.mse_loss(pred.output_embeddings[keep], source[:, dim:])
+                lexical = lexical + nn.functional.mse_loss(pred.output_embeddings[keep], source[keep, dim:])
         loss = main + self.lexical_weight * lexical
         return (loss, {"main": main, "lexical": lexical}) if return_outputs else loss
 
@@ -232,7 +306,9 @@ def train_hypernet(
     learning_rate: float = 3e-4,
     identity_steps: int = 50,
     lexical_weight: float = 0.5,
+    tokenization: str = "bpe",
     vocab_range: tuple[int, int] = (300, 3000),
+    merge_range: tuple[float, float] = (0.05, 0.4),
     max_length: int = 128,
     hypernet_kwargs: dict | None = None,
     seed: int = 0,
@@ -240,14 +316,24 @@ def train_hypernet(
     save_steps: int = 100,
     logging_steps: int = 10,
 ) -> EmbeddingHypernetwork:
-    """Train (or resume training) a hypernetwork for `base_model`; saves it to `output_dir` and returns it."""
+    """Train (or resume training) a hypernetwork for `base_model`; saves it to `output_dir` and returns it.
+
+    `tokenization` picks the sampler of batch tokenizations: `"bpe"` (`SampledTokenizerCollator`, sizes in
+    `vocab_range`) or `"merges"` (`DynamicMergeCollator`, target reductions in `merge_range`).
+    """
     from datasets import Dataset
 
     output_dir = Path(output_dir)
     hypernet = EmbeddingHypernetwork.for_base_model(base_model, **(hypernet_kwargs or {}))
-    collator = SampledTokenizerCollator(
-        tokenizer, hypernet.config.max_surface_length, vocab_range=vocab_range, max_length=max_length, seed=seed
-    )
+    surface = hypernet.config.max_surface_length
+    if tokenization == "bpe":
+        collator = SampledTokenizerCollator(tokenizer, surface, vocab_range, max_length=max_length, seed=seed)
+    elif tokenization == "merges":
+        collator = DynamicMergeCollator(tokenizer, surface, merge_range, max_length=max_length, seed=seed)
+    else:
+        raise ValueError(
+            f'tokenization={tokenization!r} must be "bpe" (sampled BPE tokenizers) or "merges" (DynamicBPE)'
+        )
     args = TrainingArguments(
         output_dir=str(output_dir),
         max_steps=max_steps,
@@ -293,12 +379,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--identity-steps", type=int, default=50)
     parser.add_argument("--lexical-weight", type=float, default=0.5)
+    parser.add_argument("--tokenization", choices=("bpe", "merges"), default="bpe", help="batch tokenization sampler")
+    parser.add_argument("--merge-min", type=float, default=0.05, help='"merges": lowest target reduction')
+    parser.add_argument("--merge-max", type=float, default=0.4, help='"merges": highest target reduction')
     parser.add_argument("--vocab-min", type=int, default=300)
     parser.add_argument("--vocab-max", type=int, default=3000)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--num-layers", type=int, default=2)
     parser.add_argument("--texts", type=int, default=None, help="use only this many corpus chunks")
+    parser.add_argument("--chunk-chars", type=int, default=600, help="characters per corpus chunk")
     parser.add_argument("--kind", default=None, help='corpus kind: "prose" (default for encoders) or "all"')
     parser.add_argument("--save-steps", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
@@ -310,14 +400,16 @@ def main(argv: list[str] | None = None) -> None:
     train_hypernet(
         model,
         tokenizer,
-        training_texts("train", kind, limit=args.texts),
+        training_texts("train", kind, chunk_chars=args.chunk_chars, limit=args.texts),
         args.output_dir,
         max_steps=args.max_steps,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         identity_steps=args.identity_steps,
         lexical_weight=args.lexical_weight,
+        tokenization=args.tokenization,
         vocab_range=(args.vocab_min, args.vocab_max),
+        merge_range=(args.merge_min, args.merge_max),
         max_length=args.max_length,
         hypernet_kwargs={
             "hidden_size": args.hidden_size,

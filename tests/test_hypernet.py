@@ -181,7 +181,7 @@ def test_retrofitted_real_encoder_minilm():
         merged.generate(texts)
 
 
-def _recipe_run(tmp_path, max_steps):
+def _recipe_run(tmp_path, max_steps, **kwargs):
     from hf_efficient.recipes.train_hypernet import train_hypernet
 
     tokenizer = tiny_tokenizer()
@@ -199,7 +199,32 @@ def _recipe_run(tmp_path, max_steps):
         save_steps=2,
         logging_steps=1,
         hypernet_kwargs=SMALL,
+        **kwargs,
     )
+
+
+def test_merge_collator_batches_dynamic_merges():
+    from hf_efficient.recipes.train_hypernet import DynamicMergeCollator
+
+    tokenizer = tiny_tokenizer()
+    texts = [f"the values of the function f{i}, returned by the call." for i in range(8)]
+    collator = DynamicMergeCollator(tokenizer, max_surface_length=8, merge_range=(0.2, 0.3), max_length=12)
+    batch = collator([{"text": t} for t in texts])
+    merged = batch["shared_base_ids"] < 0  # (n,) rows with several base pieces
+    assert merged.any() and (batch["surface_ids"][merged, 1] >= 0).all()
+    assert (batch["surface_ids"][~merged, 1] == -1).all()  # base tokens decompose into themselves
+    tokens = batch["attention_mask"].sum().item()
+    assert tokens < batch["base_attention_mask"].sum().item()  # shorter than the base tokenization...
+    assert batch["base_attention_mask"].shape[1] <= 12  # ...of the same text, cut at max_length base tokens
+    with pytest.raises(ValueError, match="merge_range"):
+        DynamicMergeCollator(tokenizer, 8, merge_range=(0.3, 1.0))
+
+
+def test_recipe_trains_on_merges(tmp_path):
+    hypernet = _recipe_run(tmp_path, max_steps=3, tokenization="merges", merge_range=(0.1, 0.3))
+    assert (tmp_path / "run" / "config.json").is_file() and not hypernet.training
+    with pytest.raises(ValueError, match="tokenization"):
+        _recipe_run(tmp_path / "bad", max_steps=1, tokenization="unigram")
 
 
 def test_recipe_trains_and_resumes(tmp_path, monkeypatch):
