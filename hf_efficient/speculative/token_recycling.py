@@ -176,10 +176,10 @@ class TokenRecycling(SpeculativeDecoder):
             self._recycle(previous[valid], state.sequences[:, columns][valid], top)
             state.prompt_logits = None
         self._fold_counts()
-        parents, ranks = self._template(model, state)
-        self._parents, self._ranks = parents.to(device), ranks.to(device)
-        self._levels = _template_levels(parents, ranks)
-        self._node_trials = torch.zeros(len(ranks), dtype=torch.long, device=device)
+        # the template stays on the CPU (DraftTree caches its topology by value); its drafting columns go to `device`
+        self._parents, self._ranks = self._template(model, state)
+        self._levels = _template_levels(self._parents, self._ranks, device)
+        self._node_trials = torch.zeros(len(self._ranks), dtype=torch.long, device=device)
         self._node_hits = torch.zeros_like(self._node_trials)
 
     def draft(self, model: PreTrainedModel, state: DecodingState) -> DraftTree:
@@ -271,7 +271,9 @@ def _previous_roots(state: DecodingState) -> torch.LongTensor:
     return state.sequences.gather(1, before.clamp(min=0)[:, None]).squeeze(1).masked_fill(before < 0, -1)
 
 
-def _template_levels(parents: torch.LongTensor, ranks: torch.LongTensor) -> list[tuple[torch.LongTensor, ...]]:
+def _template_levels(
+    parents: torch.LongTensor, ranks: torch.LongTensor, device: torch.device
+) -> list[tuple[torch.LongTensor, ...]]:
     """Per tree depth, `(nodes, parents, grandparents, ranks)` `(n,)` each, as columns of a drafting buffer whose
     column 0 holds the root's previous token and column `i + 1` node `i` (so the root's parent is column 0)."""
     parent_of = parents.tolist()
@@ -286,7 +288,7 @@ def _template_levels(parents: torch.LongTensor, ranks: torch.LongTensor) -> list
             [parent_of[i] + 1 for i in nodes],
             [parent_of[parent_of[i]] + 1 for i in nodes],
         ]
-        levels.append((*(torch.tensor(c, device=parents.device) for c in columns), ranks[nodes]))
+        levels.append(tuple(torch.tensor(c, device=device) for c in (*columns, ranks[nodes].tolist())))
     return levels
 
 

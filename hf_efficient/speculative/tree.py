@@ -41,12 +41,11 @@ class DraftTree:
     draft_probs: torch.FloatTensor | None = None
 
     def __post_init__(self) -> None:
-        B, T = self.tokens.shape
+        B = self.tokens.shape[0]
         self._paths = self._depth = self._ancestors = None
         if self.parents.dim() == 1:  # one topology for the batch: its paths, depths and mask are computed once
             shared = _shared_topology(tuple(self.parents.tolist()), self.tokens.device)
-            self._paths, self._depth, self._ancestors = (t.expand(B, *t.shape) for t in shared)
-            self.parents = self.parents.to(self.tokens.device).expand(B, T)
+            self.parents, self._paths, self._depth, self._ancestors = (t.expand(B, *t.shape) for t in shared)
         if self.parents.shape != self.tokens.shape:
             raise ValueError(f"parents shape {tuple(self.parents.shape)} != tokens shape {tuple(self.tokens.shape)}")
 
@@ -88,10 +87,12 @@ class DraftTree:
 @lru_cache(maxsize=64)
 def _shared_topology(
     parents: tuple[int, ...], device: torch.device
-) -> tuple[torch.LongTensor, torch.LongTensor, torch.BoolTensor]:
-    """Paths `(T, D + 1)`, depths `(T,)` and ancestor mask `(T, T)` of one topology (drafters reuse a few)."""
-    paths = _root_paths(torch.tensor([parents], device=device))
-    return paths[0], (paths[0] >= 0).sum(-1) - 1, _ancestor_mask(paths)[0]
+) -> tuple[torch.LongTensor, torch.LongTensor, torch.LongTensor, torch.BoolTensor]:
+    """Parents `(T,)`, paths `(T, D + 1)`, depths `(T,)` and ancestor mask `(T, T)` of one topology on `device`
+    (drafters reuse a few; pass CPU parents to `DraftTree` to look them up without a device sync)."""
+    parents = torch.tensor([parents], device=device)
+    paths = _root_paths(parents)
+    return parents[0], paths[0], (paths[0] >= 0).sum(-1) - 1, _ancestor_mask(paths)[0]
 
 
 def _ancestor_mask(paths: torch.LongTensor) -> torch.BoolTensor:

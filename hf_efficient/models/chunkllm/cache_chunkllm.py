@@ -35,6 +35,29 @@ def _append(
     return buffer, buffer.narrow(dim, 0, needed)
 
 
+class DecodeSelection:
+    """What single-token steps of one layer read inside a chunk: the selected keys/values, then the open chunk,
+    with the `keep` mask `(B, H_kv, M + T)`; each step appends its token in place (growable buffers, see `_append`).
+
+    Args:
+        keys (`torch.Tensor` of shape `(B, H_kv, M + T, D)`): gathered at the chunk's first decoding step.
+        values (`torch.Tensor` of shape `(B, H_kv, M + T, D)`): likewise.
+        keep (`torch.BoolTensor` of shape `(B, H_kv, M + T)`): which of them the query may attend.
+        length (`int`): cache length these cover.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, length: int) -> None:
+        self.keys, self.values, self.keep, self.length = keys, values, keep, length
+        self._buffers: list[torch.Tensor | None] = [None, None, None]
+
+    def append(self, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor) -> None:
+        """Add one token: `key`/`value` `(B, H_kv, 1, D)`, `keep` `(B, H_kv, 1)`."""
+        self._buffers[0], self.keys = _append(self._buffers[0], self.keys, key, dim=-2)
+        self._buffers[1], self.values = _append(self._buffers[1], self.values, value, dim=-2)
+        self._buffers[2], self.keep = _append(self._buffers[2], self.keep, keep, dim=-1)
+        self.length += 1
+
+
 class ChunkLLMLayer(DynamicLayer):
     """A `DynamicLayer` whose keys/values live in a buffer with spare room: `update` writes the new tokens in place
     and returns views, so a decoding step no longer copies the whole cache (the keys a step reads are the small
@@ -107,8 +130,8 @@ class ChunkLLMCache(Cache):
         self.select_queries: list[torch.Tensor | None] = [None] * num_hidden_layers  # (B, H_kv, d)
         self.block_queries: list[torch.Tensor | None] = [None] * num_hidden_layers  # select_queries before the block
         self.decode_index: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_hidden_layers
-        # per layer (keys, values, keep, cache length) read by single-token steps: the selection, then the open chunk
-        self.decode_kv: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None] = [None] * num_hidden_layers
+        # per layer, what single-token steps read: the selection, then the open chunk
+        self.decode_kv: list[DecodeSelection | None] = [None] * num_hidden_layers
         self.adapter_states: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # filled by the adapter hooks
         self._chunk_of_buffer: torch.Tensor | None = None  # chunk_of / is_sink are views of these (room to grow)
         self._is_sink_buffer: torch.Tensor | None = None

@@ -20,7 +20,7 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .cache_chunkllm import ChunkLLMCache
+from .cache_chunkllm import ChunkLLMCache, DecodeSelection
 from .configuration_chunkllm import ChunkLLMConfig
 
 ATTENTION_NAME = "chunkllm"
@@ -141,15 +141,12 @@ def _decode_attention(
     """
     batch_size, num_heads, _, head_dim = query.shape
     num_kv_heads, length = key.shape[1], key.shape[2]
-    cached = cache.decode_kv[layer_idx]
-    if cached is not None and cached[3] == length - 1:
-        keys, values, keep, _ = cached
-        new_keep = torch.ones_like(keep[..., :1])  # (B, H_kv, 1)
+    selection = cache.decode_kv[layer_idx]
+    if selection is not None and selection.length == length - 1:
+        new_keep = torch.ones_like(selection.keep[..., :1])  # (B, H_kv, 1)
         if attention_mask is not None:
             new_keep = new_keep & _as_bool(attention_mask[:, 0, -1, -1:]).expand(batch_size, 1)[:, None]
-        keys = torch.cat([keys, key[:, :, -1:]], dim=2)  # (B, H_kv, M + T, D)
-        values = torch.cat([values, value[:, :, -1:]], dim=2)
-        keep = torch.cat([keep, new_keep], dim=-1)  # (B, H_kv, M + T)
+        selection.append(key[:, :, -1:], value[:, :, -1:], new_keep)
     else:
         index, valid = cache.decode_positions(layer_idx)  # (B, H_kv, M)
         tail_start = int(cache.current_start.min().item())
@@ -162,7 +159,8 @@ def _decode_attention(
             row = _as_bool(attention_mask[:, 0, -1]).expand(batch_size, length)  # (B, L)
             row = row[:, None].expand(-1, num_kv_heads, -1)
             keep = keep & torch.cat([row.gather(2, index), row[..., tail_start:]], dim=-1)
-    cache.decode_kv[layer_idx] = (keys, values, keep, length)
+        selection = cache.decode_kv[layer_idx] = DecodeSelection(keys, values, keep, length)
+    keys, values, keep = selection.keys, selection.values, selection.keep
     cache.count(keep.sum(), num_kv_heads)
     grouped = query.view(batch_size, num_kv_heads, num_heads // num_kv_heads, head_dim)  # (B, H_kv, G, D)
     out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=keep[:, :, None], scale=scaling)
