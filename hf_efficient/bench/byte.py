@@ -93,7 +93,7 @@ def run(device: str = "cpu", quick: bool = False) -> BenchReport:
     from hf_efficient.reference import reference_corpus
 
     steps, seq_len, batch_size, n_eval, eval_chars, new_bytes = (
-        (2, 64, 2, 2, 256, 8) if quick else (150, 256, 8, 12, 2048, 64)
+        (2, 64, 2, 2, 256, 8) if quick else (1000, 256, 8, 12, 2048, 64)
     )
     report = BenchReport(
         "byte",

@@ -5,9 +5,11 @@ scored. ChunkLLM's adapters are trained once on the reference target with `recip
 the KV budget of StreamingLLM and SnapKV is set to ChunkLLM's measured retention on the continuation. Retrieval is
 multiple choice: `NAME = "value"` lines are planted early in the context, the prompt ends with one `NAME = "`, and
 each planted value is scored as its continuation by log-likelihood (right value ranked first = correct; chance is
-1 / choices). Decode speed is measured at several context lengths (validation documents concatenated), prefill
-excluded; the longest ones exceed the length the target was trained on, which changes what the model predicts but
-not how fast it runs, so they are speed measurements only.
+1 / choices). Because a model can only retrieve what its cache still holds, `needle_kept` also reports, per method,
+the fraction of (item, layer, KV head) in which the token after the prompt can read every token of the right
+value: a property of the cache policy, measurable on any backbone. Decode speed is measured at several context
+lengths (validation documents concatenated), prefill excluded; the longest ones exceed the length the target was
+trained on, which changes what the model predicts but not how fast it runs, so they are speed measurements only.
 """
 
 from __future__ import annotations
@@ -112,11 +114,12 @@ def _continuation_nll(model, cache, doc: torch.Tensor, context: int, on_prefille
 
 
 def _retrieval_items(tokenizer, filler: torch.Tensor, n: int, choices: int = 4, seed: int = 0) -> list[tuple]:
-    """`n` multiple-choice items `(prompt ids, [choice ids], answer)`.
+    """`n` multiple-choice items `(prompt ids, [choice ids], answer, needle)`.
 
     `choices` distinct `NAME = "value"` lines are planted in the first eighth of the filler; the prompt ends with
     one of the names and `= "`, and the choices are the planted values (each followed by its closing quote), so
-    a model that ranks by log-likelihood scores 1 / choices by chance.
+    a model that ranks by log-likelihood scores 1 / choices by chance. `needle` holds the prompt positions of the
+    right value's tokens in its planted line.
     """
     rng = random.Random(seed)
     length, items = filler.shape[1], []
@@ -127,29 +130,66 @@ def _retrieval_items(tokenizer, filler: torch.Tensor, n: int, choices: int = 4, 
     for _ in range(n):
         names = rng.sample([f"{p}_{i}" for p in ("KEY", "TOKEN", "LIMIT", "PATH") for i in range(10, 100)], choices)
         values = ["".join(rng.choices(string.ascii_lowercase, k=5)) for _ in names]
-        head = encode("".join(f'{k} = "{v}"\n' for k, v in zip(names, values)))
+        planted = [f'{k} = "{v}"\n' for k, v in zip(names, values)]
+        head = tokenizer("".join(planted), add_special_tokens=False, return_offsets_mapping=True)
         answer = rng.randrange(choices)
         tail = encode(f'\n{names[answer]} = "')
         lines = [encode(f'\n{names[answer]} = "{v}"') for v in values]
         if any(not torch.equal(line[:, : tail.shape[1]], tail) for line in lines):
             raise ValueError("the tokenizer merges the opening quote with the value; choose other value strings")
-        body = length - head.shape[1] - tail.shape[1]
+        body = length - len(head.input_ids) - tail.shape[1]
         at = body // 8
-        prompt = torch.cat([filler[:, :at], head, filler[:, at:body], tail], dim=1)
-        items.append((prompt, [line[:, tail.shape[1] :] for line in lines], answer))
+        value_start = len("".join(planted[:answer])) + len(f'{names[answer]} = "')
+        value_end = value_start + len(values[answer])
+        needle = [at + i for i, (a, b) in enumerate(head.offset_mapping) if a < value_end and b > value_start]
+        prompt = torch.cat([filler[:, :at], torch.tensor([head.input_ids]), filler[:, at:body], tail], dim=1)
+        items.append((prompt, [line[:, tail.shape[1] :] for line in lines], answer, torch.tensor(needle)))
     return items
 
 
 def _retrieval_accuracy(model, make_cache, items) -> float:
     """Fraction of items whose right value has the highest log-likelihood after the prompt (fresh cache each)."""
     correct = 0
-    for prompt, choices, answer in items:
+    for prompt, choices, answer, _ in items:
         scores = []
         for choice in choices:
             nll, _ = _continuation_nll(model, make_cache(), torch.cat([prompt, choice], dim=1), prompt.shape[1])
             scores.append(-nll)
         correct += max(range(len(scores)), key=scores.__getitem__) == answer
     return correct / len(items)
+
+
+def _readable(cache, layer_idx: int, length: int) -> torch.Tensor:
+    """`(H_kv, length)` bool: the prompt positions the first token after a prefilled prompt (batch of one) reads
+    in layer `layer_idx` of `cache` (a `ChunkLLMCache` or an eviction cache with per-slot `positions`)."""
+    from hf_efficient.models.chunkllm import ChunkLLMCache
+
+    if isinstance(cache, ChunkLLMCache):
+        index, valid = cache.decode_positions(layer_idx)  # (1, H_kv, M): the selection before the open chunk
+        readable = torch.zeros(index.shape[1], length + 1, dtype=torch.bool, device=index.device)
+        readable.scatter_(-1, torch.where(valid, index, length)[0], True)
+        readable[:, int(cache.current_start[0]) :] = True  # the open chunk
+        return readable[:, :length]
+    positions = cache.layers[layer_idx].positions[0].long()  # (H_kv, L_kept), -1 = empty slot
+    readable = torch.zeros(positions.shape[0], length + 1, dtype=torch.bool, device=positions.device)
+    return readable.scatter_(-1, torch.where(positions >= 0, positions, length), True)[:, :length]
+
+
+@torch.no_grad()
+def _needle_kept(model, make_cache, items) -> float:
+    """Fraction of (item, layer, KV head) in which the next token after the prompt can still read every token of
+    the right planted value: whether the method keeps the needle at all (1 for full attention), independent of
+    whether the model can use it."""
+    kept = []
+    for prompt, _, _, needle in items:
+        cache = make_cache()
+        if cache is None:
+            return 1.0
+        model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        layers = len(cache.layers)
+        found = torch.stack([_readable(cache, i, prompt.shape[1])[:, needle].all(dim=-1) for i in range(layers)])
+        kept.append(found.float().mean().item())  # over layers and KV heads
+    return statistics.fmean(kept)
 
 
 def _perplexity(model, make_cache, docs: list[torch.Tensor], context: int) -> tuple[float, float]:
@@ -235,10 +275,11 @@ def run(device: str = "cpu", quick: bool = False) -> BenchReport:
 
     filler = _documents(tokenizer, 1, context)[0]
     items = [
-        (prompt.to(device), [choice.to(device) for choice in choices], answer)
-        for prompt, choices, answer in _retrieval_items(tokenizer, filler, n_retrieval, CHOICES)
+        (prompt.to(device), [choice.to(device) for choice in choices], answer, needle.to(device))
+        for prompt, choices, answer, needle in _retrieval_items(tokenizer, filler, n_retrieval, CHOICES)
     ]
     accuracy = {name: _retrieval_accuracy(m, make, items) for name, (m, make) in make_caches.items()}
+    needle_kept = {name: _needle_kept(m, make, items) for name, (m, make) in make_caches.items()}
     copy_gain = _copy_gain(backbone, docs[0][:, :128])
     decode, prefill = _decode_speed(make_caches, tokenizer, speed_contexts, new_tokens, device)
     longest = speed_contexts[-1]
@@ -272,6 +313,7 @@ def run(device: str = "cpu", quick: bool = False) -> BenchReport:
             "perplexity_ratio": ratio(perplexity, base_ppl),
             "retrieval_accuracy": accuracy[name],
             "retrieval_ratio": ratio(accuracy[name], base_acc) if base_acc else float("nan"),
+            "needle_kept": needle_kept[name],
         }
         for length in speed_contexts:
             speed = decode[length].get(name, float("nan"))
@@ -303,7 +345,9 @@ def run(device: str = "cpu", quick: bool = False) -> BenchReport:
         f"Retrieval chance is {1 / CHOICES:.2f} ({CHOICES} choices); full attention scores {base_acc:.2f} "
         f"(clearly above chance means > {_chance_bound(1 / CHOICES, n_retrieval):.2f} over {n_retrieval} items). "
         f"The target has no in-context copying: repeating a 128-token validation passage lowers its per-token NLL "
-        f"by {copy_gain:.2f} nats, so no key-value probe can separate the methods on it."
+        f"by {copy_gain:.2f} nats, so no key-value probe can separate the methods on it. `needle_kept` shows what "
+        f"each method leaves readable instead: {budget_name} {needle_kept[budget_name]:.2f}, StreamingLLM "
+        f"{needle_kept['StreamingLLM']:.2f}, SnapKV {needle_kept['SnapKV']:.2f} (full attention 1)."
         if not retrieves
         else f"Retrieval chance is {1 / CHOICES:.2f} ({CHOICES} choices); repeating a 128-token validation passage "
         f"lowers its per-token NLL by {copy_gain:.2f} nats under full attention."
