@@ -83,7 +83,7 @@ def _generation(model, tokenizer, prompts: list[str], batch: int, new_bytes: int
             out = model.generate(**enc, max_new_tokens=new, min_new_tokens=new, do_sample=False)
         return out.shape[1] - enc.input_ids.shape[1]
 
-    timing = measure(run, warmup=1, repeats=1, device=device)
+    timing = measure(run, warmup=1, repeats=5, device=device)
     return batch * timing.result * unit_bytes / timing.median_s
 
 
