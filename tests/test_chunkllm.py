@@ -345,7 +345,7 @@ def test_cache_is_a_cache():
 def test_retrieval_probe_is_multiple_choice_and_deterministic():
     from factories import tiny_tokenizer
 
-    from hf_efficient.bench.chunkllm import _needle_kept, _retrieval_accuracy, _retrieval_items
+    from hf_efficient.bench.chunkllm import _retrieval, _retrieval_items
 
     tokenizer = tiny_tokenizer()
     filler = torch.randint(3, 200, (1, 120), generator=torch.Generator().manual_seed(0))
@@ -360,9 +360,9 @@ def test_retrieval_probe_is_multiple_choice_and_deterministic():
         assert torch.equal(needle, torch.arange(int(needle[0]), int(needle[-1]) + 1))  # one contiguous span
     backbone = tiny_causal_lm("llama", vocab_size=len(tokenizer))
     model = _chunky(backbone, top_k_chunks=2, sink_tokens=1)
-    accuracy = _retrieval_accuracy(backbone, lambda: None, items)
-    assert 0.0 <= accuracy <= 1.0 and _retrieval_accuracy(model, model.new_cache, items) >= 0.0
-    assert _needle_kept(backbone, lambda: None, items) == 1.0
+    accuracy, needle_kept = _retrieval(backbone, lambda: None, items)
+    assert 0.0 <= accuracy <= 1.0 and _retrieval(model, model.new_cache, items)[0] >= 0.0
+    assert needle_kept == 1.0
 
 
 def test_needle_kept_follows_what_each_cache_keeps():
@@ -370,17 +370,17 @@ def test_needle_kept_follows_what_each_cache_keeps():
     whole prompt always does; ChunkLLM with top-k covering every chunk keeps it in every layer and head."""
     from factories import tiny_tokenizer
 
-    from hf_efficient.bench.chunkllm import _needle_kept, _retrieval_items
+    from hf_efficient.bench.chunkllm import _retrieval, _retrieval_items
     from hf_efficient.cache import StreamingCache
 
     tokenizer = tiny_tokenizer()
     filler = torch.randint(3, 200, (1, 160), generator=torch.Generator().manual_seed(1))
     items = _retrieval_items(tokenizer, filler, n=2, choices=4)
     backbone = tiny_causal_lm("llama", vocab_size=len(tokenizer))
-    short = _needle_kept(backbone, lambda: StreamingCache(config=backbone.config, sink_tokens=1, window=16), items)
-    whole = _needle_kept(backbone, lambda: StreamingCache(config=backbone.config, sink_tokens=1, window=200), items)
+    _, short = _retrieval(backbone, lambda: StreamingCache(config=backbone.config, sink_tokens=1, window=16), items)
+    _, whole = _retrieval(backbone, lambda: StreamingCache(config=backbone.config, sink_tokens=1, window=200), items)
     model = _chunky(tiny_causal_lm("llama", vocab_size=len(tokenizer)), top_k_chunks=10**4, sink_tokens=1)
-    assert short == 0.0 and whole == 1.0 and _needle_kept(model, model.new_cache, items) == 1.0
+    assert short == 0.0 and whole == 1.0 and _retrieval(model, model.new_cache, items)[1] == 1.0
 
 
 @pytest.mark.reference

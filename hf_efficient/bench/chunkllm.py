@@ -147,16 +147,27 @@ def _retrieval_items(tokenizer, filler: torch.Tensor, n: int, choices: int = 4, 
     return items
 
 
-def _retrieval_accuracy(model, make_cache, items) -> float:
-    """Fraction of items whose right value has the highest log-likelihood after the prompt (fresh cache each)."""
-    correct = 0
-    for prompt, choices, answer, _ in items:
+def _retrieval(model, make_cache, items) -> tuple[float, float]:
+    """`(accuracy, needle_kept)` over `items` (a fresh cache per scored choice).
+
+    accuracy: fraction of items whose right value has the highest log-likelihood after the prompt. needle_kept:
+    fraction of (item, layer, KV head) in which the token after the prompt can still read every token of the right
+    planted value, read from the cache right after the prompt's prefill: whether the method keeps the needle at all
+    (1 for full attention), independent of whether the model can use it.
+    """
+    correct, kept = 0, []
+    for prompt, choices, answer, needle in items:
+
+        def read_needle(cache, length=prompt.shape[1], needle=needle) -> None:
+            kept.append(_needle_fraction(cache, length, needle))
+
         scores = []
-        for choice in choices:
-            nll, _ = _continuation_nll(model, make_cache(), torch.cat([prompt, choice], dim=1), prompt.shape[1])
+        for i, choice in enumerate(choices):  # the needle is read once, after the first choice's prompt prefill
+            doc = torch.cat([prompt, choice], dim=1)
+            nll, _ = _continuation_nll(model, make_cache(), doc, prompt.shape[1], read_needle if i == 0 else None)
             scores.append(-nll)
         correct += max(range(len(scores)), key=scores.__getitem__) == answer
-    return correct / len(items)
+    return correct / len(items), statistics.fmean(kept) if kept else 1.0
 
 
 def _readable(cache, layer_idx: int, length: int) -> torch.Tensor:
@@ -175,21 +186,10 @@ def _readable(cache, layer_idx: int, length: int) -> torch.Tensor:
     return readable.scatter_(-1, torch.where(positions >= 0, positions, length), True)[:, :length]
 
 
-@torch.no_grad()
-def _needle_kept(model, make_cache, items) -> float:
-    """Fraction of (item, layer, KV head) in which the next token after the prompt can still read every token of
-    the right planted value: whether the method keeps the needle at all (1 for full attention), independent of
-    whether the model can use it."""
-    kept = []
-    for prompt, _, _, needle in items:
-        cache = make_cache()
-        if cache is None:
-            return 1.0
-        model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        layers = len(cache.layers)
-        found = torch.stack([_readable(cache, i, prompt.shape[1])[:, needle].all(dim=-1) for i in range(layers)])
-        kept.append(found.float().mean().item())  # over layers and KV heads
-    return statistics.fmean(kept)
+def _needle_fraction(cache, length: int, needle: torch.Tensor) -> float:
+    """Fraction of (layer, KV head) of a cache holding a `length`-token prompt that can read all `needle` positions."""
+    found = torch.stack([_readable(cache, i, length)[:, needle].all(dim=-1) for i in range(len(cache.layers))])
+    return found.float().mean().item()
 
 
 def _perplexity(model, make_cache, docs: list[torch.Tensor], context: int) -> tuple[float, float]:
@@ -278,8 +278,9 @@ def run(device: str = "cpu", quick: bool = False) -> BenchReport:
         (prompt.to(device), [choice.to(device) for choice in choices], answer, needle.to(device))
         for prompt, choices, answer, needle in _retrieval_items(tokenizer, filler, n_retrieval, CHOICES)
     ]
-    accuracy = {name: _retrieval_accuracy(m, make, items) for name, (m, make) in make_caches.items()}
-    needle_kept = {name: _needle_kept(m, make, items) for name, (m, make) in make_caches.items()}
+    retrieval = {name: _retrieval(m, make, items) for name, (m, make) in make_caches.items()}
+    accuracy = {name: value[0] for name, value in retrieval.items()}
+    needle_kept = {name: value[1] for name, value in retrieval.items()}
     copy_gain = _copy_gain(backbone, docs[0][:, :128])
     decode, prefill = _decode_speed(make_caches, tokenizer, speed_contexts, new_tokens, device)
     longest = speed_contexts[-1]
