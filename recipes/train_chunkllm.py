@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from pathlib import Path
 
@@ -46,8 +47,9 @@ class BoundaryDataset(torch.utils.data.Dataset):
     """Fixed-length blocks of the tokenized texts with their rule labels: `{"input_ids", "boundary_labels"}`."""
 
     def __init__(self, texts: list[str], tokenizer, seq_len: int, rule: str) -> None:
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        stream = [token for text in texts for token in [*tokenizer(text, add_special_tokens=False).input_ids, *eos]]
+        from hf_efficient.recipes.train_retrieval_lm import token_stream
+
+        stream = token_stream(tokenizer, texts)
         if len(stream) < seq_len:
             raise ValueError(f"the corpus has {len(stream)} tokens, fewer than seq_len={seq_len}")
         self.blocks = torch.tensor(stream[: len(stream) // seq_len * seq_len]).view(-1, seq_len)  # (N, L)
@@ -61,6 +63,8 @@ class BoundaryDataset(torch.utils.data.Dataset):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from hf_efficient.models.chunkllm.configuration_chunkllm import DISTILLATION_TARGETS
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", type=Path, required=True, help="checkpoints and the trained model")
     parser.add_argument("--backbone", help="backbone path or Hub id (default: the reference target)")
@@ -78,6 +82,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adapter-dim", type=int, default=32)
     parser.add_argument("--boundary-loss-weight", type=float, default=1.0)
     parser.add_argument("--max-documents", type=int, default=400, help="reference-corpus documents to use")
+    parser.add_argument(
+        "--key-value-documents",
+        type=int,
+        default=0,
+        help="add this many key-value documents (`recipes/train_retrieval_lm.py`, seq-len tokens each) to the text",
+    )
+    parser.add_argument(
+        "--distillation-target", choices=DISTILLATION_TARGETS, default="chunk", help="see `ChunkLLMConfig`"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
@@ -111,6 +124,11 @@ def main(argv: list[str] | None = None) -> Path:
         from hf_efficient.reference import reference_corpus
 
         texts = reference_corpus("train", "all")[: args.max_documents]
+    if args.key_value_documents:
+        from hf_efficient.recipes.train_retrieval_lm import key_value_texts
+
+        texts = texts + key_value_texts(tokenizer, texts, args.key_value_documents, args.seq_len, args.seed)
+        random.Random(args.seed).shuffle(texts)  # spread the key-value documents over the training blocks
     dataset = BoundaryDataset(texts, tokenizer, args.seq_len, args.rule)
     model = ChunkLLMForCausalLM.from_backbone(
         backbone,
@@ -119,6 +137,7 @@ def main(argv: list[str] | None = None) -> Path:
         local_chunks=args.local_chunks,
         adapter_dim=args.adapter_dim,
         boundary_loss_weight=args.boundary_loss_weight,
+        distillation_target=args.distillation_target,
     )
     model.config.backbone_name_or_path = str(backbone)
     training_args = TrainingArguments(
@@ -149,11 +168,14 @@ def main(argv: list[str] | None = None) -> Path:
             "rule": args.rule,
             "seq_len": args.seq_len,
             "steps": args.max_steps,
+            "distillation_target": args.distillation_target,
+            "key_value_documents": args.key_value_documents,
             "train_seconds": time.perf_counter() - start,
             "final_loss": losses[-1] if losses else None,
             "adapter_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         }
         (args.output_dir / "chunkllm_training.json").write_text(json.dumps(record, indent=2))
+        mixed = f", {args.key_value_documents} key-value documents added" if args.key_value_documents else ""
         card = render_model_card(
             "chunkllm",
             backbone=str(backbone),
@@ -164,7 +186,7 @@ def main(argv: list[str] | None = None) -> Path:
             rule=args.rule,
             dataset=str(args.text_file or "hf_efficient reference corpus (train split)"),
             training_details=f"{args.max_steps} steps of {args.batch_size} x {args.seq_len} tokens with "
-            "`recipes/train_chunkllm.py`.",
+            f"`recipes/train_chunkllm.py` ({args.distillation_target}-level attention distillation{mixed}).",
         )
         card.save(args.output_dir / "README.md")
     return args.output_dir

@@ -9,7 +9,8 @@ two phases:
    induction heads form. The phase stops once the model repeats a 16-token span seen 60 tokens earlier with top-1
    accuracy >= `--copy-accuracy` (checked every 100 steps), or after `--induction-max-steps`.
 2. **retrieval**: a mix of those rows, key-value documents (`NAME = "value"` lines planted in the first quarter
-   of corpus text and all queried again at its end; loss on the queries) and corpus text (LM loss). Each task's
+   of corpus text and all queried again at its end, each in a layout of `QUERY_LAYOUTS`; loss on the queries)
+   and corpus text (LM loss). Each task's
    loss is averaged over its own tokens and the three are summed, so the short query sections are not drowned by
    the text.
 
@@ -17,7 +18,7 @@ Names in training use prefixes disjoint from the benchmark's (`KEY`, `TOKEN`, `L
 random letters, so the benchmark measures retrieval of unseen pairs.
 
 ```bash
-python recipes/train_retrieval_lm.py --output-dir runs/retrieval-lm               # ~10 min on 2 CPU cores
+python recipes/train_retrieval_lm.py --output-dir runs/retrieval-lm               # ~17 min on 2 CPU cores
 accelerate launch recipes/train_retrieval_lm.py --output-dir runs/retrieval-lm --max-steps 1000
 hf-efficient train train_retrieval_lm -- --output-dir runs/retrieval-lm --layers 3
 ```
@@ -45,6 +46,10 @@ TRAIN_PREFIXES = (
 )  # fmt: skip
 TASKS = ("copy", "key_value", "text")
 PHASE2_MIX = {"copy": 4, "key_value": 6, "text": 4}  # rows per 14
+# how a planted `NAME = "value"` pair is queried: "inline" names the key inside the answer's own line (and chunk);
+# "question" asks for it in a line of its own, closed by a chunk boundary before the answer (the needle-in-a-haystack
+# layout: question, then answer)
+QUERY_LAYOUTS = {"inline": '\n{name} = "{value}"', "question": '\n{name}?\n"{value}"'}
 COPY_GAP = 60  # the induction check: a 16-token span repeated after this many random tokens
 
 
@@ -58,8 +63,8 @@ def key_value_row(tokenizer, filler: list[int], rng: random.Random, length: int)
     """A `length`-token key-value document and its labels (-100 outside the final query section).
 
     2-6 `NAME = "value"` lines (fewer when they do not fit) are planted at a random point of the first quarter of
-    `filler` (a token window at least `length` long); the document ends with every planted line again, in random
-    order.
+    `filler` (a token window at least `length` long); the document ends with every planted pair queried again, in
+    random order, each in a layout of `QUERY_LAYOUTS` drawn at random.
     """
 
     def encode(text: str) -> list[int]:
@@ -69,12 +74,36 @@ def key_value_row(tokenizer, filler: list[int], rng: random.Random, length: int)
         names, values = key_value_pairs(rng, count, TRAIN_PREFIXES)
         head = encode("".join(f'{name} = "{value}"\n' for name, value in zip(names, values)))
         order = rng.sample(range(count), count)
-        tail = encode("".join(f'\n{names[i]} = "{values[i]}"' for i in order) + "\n")
+        queries = [
+            QUERY_LAYOUTS[rng.choice(sorted(QUERY_LAYOUTS))].format(name=names[i], value=values[i]) for i in order
+        ]
+        tail = encode("".join(queries) + "\n")
         body = length - len(head) - len(tail)
         if body >= 8:
             at = rng.randrange(body // 4 + 1)
             return filler[:at] + head + filler[at:body] + tail, [-100] * (length - len(tail)) + tail
     raise ValueError(f"length={length} leaves no room for one key-value line and filler")
+
+
+def key_value_texts(tokenizer, texts: list[str], count: int, length: int, seed: int = 0) -> list[str]:
+    """`count` key-value documents of `length` tokens as text, their filler drawn from `texts` (e.g. to train
+    ChunkLLM adapters on the distribution a retrieval LM was trained on)."""
+    rng = random.Random(seed)
+    stream = token_stream(tokenizer, texts)
+    if len(stream) <= length:
+        raise ValueError(f"the texts hold {len(stream)} tokens; key-value documents of {length} need more")
+    documents = []
+    for _ in range(count):
+        start = rng.randrange(len(stream) - length)
+        ids, _ = key_value_row(tokenizer, stream[start : start + length], rng, length)
+        documents.append(tokenizer.decode(ids))
+    return documents
+
+
+def token_stream(tokenizer, texts: list[str]) -> list[int]:
+    """`texts` tokenized and concatenated, each followed by the EOS token (if the tokenizer has one)."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return [token for text in texts for token in [*tokenizer(text, add_special_tokens=False).input_ids, *eos]]
 
 
 def regular_tokens(tokenizer) -> range:
@@ -257,9 +286,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(reference_config("target")))
-    eos = [tokenizer.eos_token_id]
-    texts = reference_corpus("train", "all")[: args.max_documents]
-    stream = [token for text in texts for token in [*tokenizer(text, add_special_tokens=False).input_ids, *eos]]
+    stream = token_stream(tokenizer, reference_corpus("train", "all")[: args.max_documents])
     start, record = time.perf_counter(), {}
 
     induction_dir = args.output_dir / "induction"

@@ -220,6 +220,27 @@ def test_only_adapters_receive_gradients():
             assert param.grad is not None and param.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("target", ["chunk", "token"])
+def test_distillation_trains_the_queries_that_select(target):
+    """ "chunk" distils only each chunk's first token (where inference selects) on its chunk's mean attention;
+    "token" distils every token with at least two candidate chunks."""
+    from hf_efficient.models.chunkllm.modeling_chunkllm import ChunkLLMDistillation
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.zeros(1, 24)
+    labels[0, 2::3] = 1  # chunks of 3 tokens: [0, 1, 2], [3, 4, 5], ...
+    distillation = ChunkLLMDistillation(labels, local_chunks=1, target=target)
+    queries = torch.randn(1, 1, 24, 8, generator=generator, requires_grad=True)  # (B, H_kv, L, d)
+    distillation.adapter_states[0] = (queries, torch.randn(1, 1, 24, 8, generator=generator))
+    query, key = torch.randn(1, 2, 24, 16, generator=generator), torch.randn(1, 1, 24, 16, generator=generator)
+    distillation.add_layer(query, key, scaling=0.25, groups=2, layer_idx=0)
+    distillation.losses[0].backward()
+    trained = queries.grad[0, 0].abs().sum(dim=-1) > 0  # (L,)
+    enough = torch.arange(24) // 3 >= 3  # >= 2 candidates: chunks older than the local one
+    expected = enough & (torch.arange(24) % 3 == 0) if target == "chunk" else enough
+    assert torch.equal(trained, expected)
+
+
 def test_boundary_adapter_learns_rule_boundaries(tmp_path):
     """Train with the recipe on a tiny corpus; the boundary adapter then fires on the rule's boundaries."""
     from factories import tiny_tokenizer
@@ -330,7 +351,14 @@ def test_backbones_without_rotary_attention_or_kv_cache_are_refused():
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("top_k_chunks", 0), ("sink_tokens", -1), ("local_chunks", -1), ("boundary_threshold", 1.0), ("adapter_dim", 0)],
+    [
+        ("top_k_chunks", 0),
+        ("sink_tokens", -1),
+        ("local_chunks", -1),
+        ("boundary_threshold", 1.0),
+        ("adapter_dim", 0),
+        ("distillation_target", "chunks"),
+    ],
 )
 def test_config_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"{field}={value}"):
@@ -342,19 +370,20 @@ def test_cache_is_a_cache():
     assert cache.get_seq_length() == 0 and cache.kv_retention == 1.0
 
 
-def test_retrieval_probe_is_multiple_choice_and_deterministic():
+@pytest.mark.parametrize(("layout", "ending"), [("inline", '= "'), ("question", '?\n"')])
+def test_retrieval_probe_is_multiple_choice_and_deterministic(layout, ending):
     from factories import tiny_tokenizer
 
     from hf_efficient.bench.chunkllm import _retrieval, _retrieval_items
 
     tokenizer = tiny_tokenizer()
     filler = torch.randint(3, 200, (1, 120), generator=torch.Generator().manual_seed(0))
-    items = _retrieval_items(tokenizer, filler, n=3, choices=4)
-    again = _retrieval_items(tokenizer, filler, n=3, choices=4)
+    items = _retrieval_items(tokenizer, filler, n=3, choices=4, layout=layout)
+    again = _retrieval_items(tokenizer, filler, n=3, choices=4, layout=layout)
     for (prompt, choices, answer, needle), (prompt2, choices2, answer2, _) in zip(items, again):
         assert torch.equal(prompt, prompt2) and answer == answer2 and len(choices) == 4
         assert all(torch.equal(c, c2) for c, c2 in zip(choices, choices2))
-        assert prompt.shape[1] == 120 and tokenizer.decode(prompt[0, -4:]).endswith('= "')
+        assert prompt.shape[1] == 120 and tokenizer.decode(prompt[0, -4:]).endswith(ending)
         value = tokenizer.decode(choices[answer][0]).rstrip('"')
         assert value in tokenizer.decode(prompt[0, needle])  # the needle covers the planted right value
         assert torch.equal(needle, torch.arange(int(needle[0]), int(needle[-1]) + 1))  # one contiguous span
@@ -392,4 +421,12 @@ def test_benchmark_quick_run():
     methods = [row["method"] for row in report.rows]
     chunk_rows = [row for row in report.rows if row["method"].startswith("ChunkLLM k=")]
     assert methods[0] == "full attention" and methods[-2:] == ["StreamingLLM", "SnapKV"]
-    assert chunk_rows and all(0.0 < row["kv_retention"] < 1.0 for row in chunk_rows)
+    assert chunk_rows and all(0.0 < row["retrieval_kv_retention"] < 1.0 for row in chunk_rows)
+    assert all(0.0 < row["kv_retention"] < 1.0 for row in chunk_rows if "kv_retention" in row)
+    for row in report.rows[2:]:  # every method but full attention (and its StaticCache row) on both probe layouts
+        assert all(
+            0.0 <= row[f"{column}_{layout}"] <= 1.0
+            for column in ("retrieval", "needle_kept")
+            for layout in chunkllm.LAYOUTS
+        )
+    assert any(note.startswith("ChunkLLM k=") and "on the retrieval backbone" in note for note in report.notes)

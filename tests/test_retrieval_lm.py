@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -12,11 +13,13 @@ from transformers import AutoModelForCausalLM
 
 from hf_efficient.recipes.train_retrieval_lm import (
     PROBE_PREFIXES,
+    QUERY_LAYOUTS,
     TASKS,
     TRAIN_PREFIXES,
     SyntheticRows,
     copy_row,
     key_value_row,
+    key_value_texts,
     main,
     regular_tokens,
     task_mean_loss,
@@ -46,17 +49,33 @@ def test_key_value_rows_query_their_planted_lines_with_training_names_only():
     tokenizer = tiny_tokenizer()
     filler = torch.randint(3, 200, (400,), generator=torch.Generator().manual_seed(0)).tolist()
     assert not set(PROBE_PREFIXES) & set(TRAIN_PREFIXES)
+    layouts = {"inline": r'\n(\w+) = "(\w+)"', "question": r'\n(\w+)\?\n"(\w+)"'}  # QUERY_LAYOUTS as patterns
+    seen = set()
     for seed in range(10):
         ids, labels = key_value_row(tokenizer, filler, random.Random(seed), 200)
         assert len(ids) == len(labels) == 200
         first = next(p for p, label in enumerate(labels) if label != -100)
         assert all(label != -100 for label in labels[first:]) and labels[first:] == ids[first:]
-        queries = [line for line in tokenizer.decode(ids[first:]).splitlines() if line.strip()]
-        context = tokenizer.decode(ids[:first])
-        assert 1 <= len(queries) <= 6
-        for line in queries:
-            name, value = line.split(" = ")
-            assert name.split("_")[0] in TRAIN_PREFIXES and f"{name} = {value}" in context
+        tail, context = tokenizer.decode(ids[first:]), tokenizer.decode(ids[:first])
+        queries = {layout: re.findall(pattern, tail) for layout, pattern in layouts.items()}
+        seen |= {layout for layout, found in queries.items() if found}
+        pairs = [pair for found in queries.values() for pair in found]
+        assert 1 <= len(pairs) <= 6
+        for name, value in pairs:
+            assert name.split("_")[0] in TRAIN_PREFIXES and f'{name} = "{value}"' in context
+    assert seen == set(QUERY_LAYOUTS)
+
+
+def test_key_value_texts_are_documents_of_the_asked_length():
+    tokenizer = tiny_tokenizer()
+    texts = ["the cache keeps chunks of text. " * 30, "def f(x):\n    return x\n" * 30]
+    documents = key_value_texts(tokenizer, texts, count=3, length=150, seed=1)
+    assert len(documents) == 3 and documents == key_value_texts(tokenizer, texts, count=3, length=150, seed=1)
+    for document in documents:
+        assert re.search(r'\w+_\d\d = "[a-z]{5}"\n', document)
+        assert abs(len(tokenizer(document, add_special_tokens=False).input_ids) - 150) <= 5  # decode/encode drift
+    with pytest.raises(ValueError, match="need more"):
+        key_value_texts(tokenizer, ["short"], count=1, length=150)
 
 
 def test_key_value_row_refuses_documents_without_room():

@@ -5,6 +5,8 @@ from typing import ClassVar
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+DISTILLATION_TARGETS = ("chunk", "token")
+
 
 class ChunkLLMConfig(PreTrainedConfig):
     r"""
@@ -38,6 +40,11 @@ class ChunkLLMConfig(PreTrainedConfig):
             Probability above which the boundary adapter closes the current chunk.
         prefill_block_size (`int`, *optional*, defaults to 512):
             Prompts longer than this are prefilled in blocks of this many tokens.
+        distillation_target (`str`, *optional*, defaults to `"chunk"`):
+            What the Q/K adapters learn in training. `"chunk"`: the adapter query of each chunk's first token learns
+            the attention its whole chunk pays to older chunks (mean over the chunk's tokens), since the selection
+            made there serves the whole chunk at inference. `"token"`: every token's adapter query learns its own
+            attention (relies on attention being consistent within a chunk).
         boundary_loss_weight (`float`, *optional*, defaults to 1.0):
             Weight of the boundary BCE next to the attention-distillation KL in the training loss.
         initializer_range (`float`, *optional*, defaults to 0.02):
@@ -66,6 +73,7 @@ class ChunkLLMConfig(PreTrainedConfig):
     sink_tokens: int = 4
     boundary_threshold: float = 0.5
     prefill_block_size: int = 512
+    distillation_target: str = "chunk"
     boundary_loss_weight: float = 1.0
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
@@ -78,6 +86,8 @@ class ChunkLLMConfig(PreTrainedConfig):
         for name in ("sink_tokens", "local_chunks"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.distillation_target not in DISTILLATION_TARGETS:
+            raise ValueError(f"distillation_target={self.distillation_target} is not one of {DISTILLATION_TARGETS}")
         if not 0.0 < self.boundary_threshold < 1.0:
             raise ValueError(f"boundary_threshold={self.boundary_threshold} must lie strictly between 0 and 1")
 

@@ -34,12 +34,14 @@ class ChunkLLMDistillation:
         boundary_labels (`torch.Tensor` of shape `(B, L)`): 1 where a token closes its chunk.
         local_chunks (`int`, *optional*, defaults to 0): chunks before each query's own that inference always
             keeps; the adapters are distilled only on the older chunks, the ones they choose among.
+        target (`str`, *optional*, defaults to `"chunk"`): `"chunk"` distils each chunk's first token on the mean
+            attention of its chunk, `"token"` every token on its own (`ChunkLLMConfig.distillation_target`).
     """
 
     needs_adapter_queries = True
 
-    def __init__(self, boundary_labels: torch.Tensor, local_chunks: int = 0):
-        self.local_chunks = local_chunks
+    def __init__(self, boundary_labels: torch.Tensor, local_chunks: int = 0, target: str = "chunk"):
+        self.local_chunks, self.target = local_chunks, target
         labels = boundary_labels.long()
         self.chunk_of = labels.cumsum(dim=1) - labels  # (B, L) closed chunks before each token
         num_chunks = int(self.chunk_of.max().item()) + 1
@@ -48,8 +50,8 @@ class ChunkLLMDistillation:
         self.losses: list[torch.Tensor] = []
 
     def add_layer(self, query: torch.Tensor, key: torch.Tensor, scaling: float, groups: int, layer_idx: int) -> None:
-        """KL(teacher || adapters) over the candidate chunks of every query (closed, older than the local window),
-        averaged over queries with >= 2 of them.
+        """KL(teacher || adapters) over the candidate chunks (closed, older than the local window) of every
+        distilled query (`target`), averaged over those with >= 2 candidates.
 
         Args:
             query (`torch.Tensor` of shape `(B, H, L, D)`): backbone queries (after RoPE).
@@ -67,11 +69,16 @@ class ChunkLLMDistillation:
             teacher = (probs @ self.one_hot[:, None]) * candidates[:, None]  # (B, H_kv, L, C)
             teacher = teacher / teacher.sum(dim=-1, keepdim=True).clamp(min=1e-9)
         sizes = self.one_hot.sum(dim=1).clamp(min=1)[:, None, :, None]  # (B, 1, C, 1)
+        weight = (candidates.sum(dim=-1) >= 2).float()  # (B, L)
+        if self.target == "chunk":  # the chunk's mean attention, learnt where the selection is made: its first token
+            teacher = self.one_hot[:, None] @ ((self.one_hot.transpose(1, 2)[:, None] @ teacher) / sizes)
+            first = F.pad(self.chunk_of[:, 1:] != self.chunk_of[:, :-1], (1, 0), value=True)  # (B, L)
+            weight = weight * first.float()
         chunk_keys = (self.one_hot.transpose(1, 2)[:, None] @ adapter_keys) / sizes  # (B, H_kv, C, d)
         logits = (adapter_queries @ chunk_keys.transpose(-1, -2)).masked_fill(~candidates[:, None], _MASKED)
         log_student = logits.log_softmax(dim=-1)  # (B, H_kv, L, C)
         kl = torch.where(teacher > 0, teacher * (teacher.clamp(min=1e-9).log() - log_student), 0.0).sum(dim=-1)
-        weight = (candidates.sum(dim=-1) >= 2).float()[:, None].expand_as(kl)  # (B, H_kv, L)
+        weight = weight[:, None].expand_as(kl)  # (B, H_kv, L)
         self.losses.append((kl * weight).sum() / weight.sum().clamp(min=1.0))
 
 
@@ -492,7 +499,7 @@ class ChunkLLMForCausalLM(ChunkLLMPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         """Backbone with full attention; loss = mean KL over layers + boundary_loss_weight * BCE."""
         kwargs.pop("num_items_in_batch", None)
-        distillation = ChunkLLMDistillation(boundary_labels, self.config.local_chunks)
+        distillation = ChunkLLMDistillation(boundary_labels, self.config.local_chunks, self.config.distillation_target)
         self.backbone(
             inputs_embeds=inputs_embeds,
             use_cache=False,
