@@ -2,7 +2,9 @@
 
 For every layer, the backbone's attention of each token (averaged over the query heads of a KV group) is summed
 over the closed chunks older than its local window (`--local-chunks`, always kept at inference, so the adapters
-only rank the older ones); the Q/K adapters learn to reproduce that chunk distribution (KL). Chunks come
+only rank the older ones); the Q/K adapters learn to reproduce that chunk distribution (KL), by default
+(`--distillation-target chunk`) at each chunk's first token, where inference selects, and averaged over the chunk's
+tokens, since that one selection serves the whole chunk (`token`: every token on its own attention). Chunks come
 from a rule (`--rule sentence`: a token containing a newline or ending in `.`, `!`, `?`; `--rule line`: a token
 containing a newline), which is also the target of the boundary adapter (BCE). Only adapter parameters train.
 
