@@ -25,6 +25,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -310,9 +311,54 @@ def _budget(retention: float, context: int) -> int:
     return max(SINK_TOKENS + 8, math.ceil(retention * context))
 
 
-def run(device: str = "cpu", quick: bool = False) -> BenchReport:
+@dataclass
+class _RetrievalComparison:
+    scores: dict[tuple[str, str], tuple[float, float]]  # (method, layout) -> (accuracy, needle_kept)
+    retention: dict[str, float]  # method -> KV retention on the retrieval backbone
+    setting: str  # the ChunkLLM setting checked: the most retentive within the retention target
+    budget: int  # tokens per KV head of StreamingLLM and SnapKV, the retention of `setting`
+    target_accuracy: dict[str, float]  # layout -> the reference target's accuracy with full attention
+    copy_gain: float  # the retrieval backbone's `_copy_gain`
+    record: dict  # the retrieval backbone's training record, with its adapters' steps and key-value documents
+
+
+def _retrieval_comparison(
+    target, tokenizer, docs: list[torch.Tensor], context: int, n_items: int, quick: bool, device: str
+) -> _RetrievalComparison:
+    """Every method's retrieval on the retrieval backbone (the target has none), with its own adapters; its ChunkLLM
+    setting and eviction budget are chosen like the target's, from its own retention on `docs`."""
     from transformers import AutoModelForCausalLM
 
+    path = _retrieval_backbone(quick)
+    retriever = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+    evicting = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+    chunkllm, steps, _, key_value = _trained_chunkllm(quick, device, path)
+    caches = {"full attention": (retriever, lambda: None), **_chunk_caches(chunkllm, RETRIEVAL_TOP_KS)}
+    retention = {"full attention": 1.0}
+    for name in list(caches)[1:]:
+        retention[name] = _perplexity(*caches[name], docs, context)[1]
+    setting = _most_retentive_within(retention, RETRIEVAL_TOP_KS)
+    budget = _budget(retention[setting], context)
+    caches.update(_eviction_caches(evicting, budget))
+    retention.update({name: budget / context for name in ("StreamingLLM", "SnapKV")})
+    filler = _documents(tokenizer, 1, context)[0]
+    scores, target_accuracy = {}, {}
+    for layout in LAYOUTS:
+        items = [
+            (prompt.to(device), [choice.to(device) for choice in choices], answer, needle.to(device))
+            for prompt, choices, answer, needle in _retrieval_items(tokenizer, filler, n_items, CHOICES, 0, layout)
+        ]
+        for name, (model, make_cache) in caches.items():
+            scores[name, layout] = _retrieval(model, make_cache, items)
+        target_accuracy[layout] = _retrieval(target, lambda: None, items)[0]
+    record = json.loads((path / "retrieval_training.json").read_text())
+    record.update(adapter_steps=steps, key_value_documents=key_value)
+    return _RetrievalComparison(
+        scores, retention, setting, budget, target_accuracy, _copy_gain(retriever, docs[0][:, :128]), record
+    )
+
+
+def run(device: str = "cpu", quick: bool = False) -> BenchReport:
     from hf_efficient.reference import reference_config, reference_model
 
     backbone, tokenizer = reference_model("target")
@@ -348,34 +394,9 @@ def run(device: str = "cpu", quick: bool = False) -> BenchReport:
     decode, prefill = _decode_speed(make_caches, tokenizer, speed_contexts, new_tokens, device)
     longest = speed_contexts[-1]
 
-    # retrieval on a backbone that has in-context retrieval (the target has none: see the notes), with its own
-    # adapters; its ChunkLLM setting and eviction budget are chosen like the target's, from its own retention
-    retriever_path = _retrieval_backbone(quick)
-    retriever = AutoModelForCausalLM.from_pretrained(retriever_path).to(device).eval()
-    retriever_evicting = AutoModelForCausalLM.from_pretrained(retriever_path).to(device).eval()
-    retriever_chunkllm, retriever_steps, _, key_value = _trained_chunkllm(quick, device, retriever_path)
-    retriever_caches = {"full attention": (retriever, lambda: None)}
-    retriever_caches.update(_chunk_caches(retriever_chunkllm, RETRIEVAL_TOP_KS))
-    retrieval_retention = {"full attention": 1.0}
-    for name in list(retriever_caches)[1:]:
-        retrieval_retention[name] = _perplexity(*retriever_caches[name], docs, context)[1]
-    retrieval_name = _most_retentive_within(retrieval_retention, RETRIEVAL_TOP_KS)
-    retriever_budget = _budget(retrieval_retention[retrieval_name], context)
-    retriever_caches.update(_eviction_caches(retriever_evicting, retriever_budget))
-    retrieval_retention.update({name: retriever_budget / context for name in ("StreamingLLM", "SnapKV")})
-    filler = _documents(tokenizer, 1, context)[0]
-    retrieval, target_accuracy = {}, {}  # (method, layout) -> (accuracy, needle_kept); layout -> target's accuracy
-    for layout in LAYOUTS:
-        items = [
-            (prompt.to(device), [choice.to(device) for choice in choices], answer, needle.to(device))
-            for prompt, choices, answer, needle in _retrieval_items(tokenizer, filler, n_retrieval, CHOICES, 0, layout)
-        ]
-        for name, (model, make_cache) in retriever_caches.items():
-            retrieval[name, layout] = _retrieval(model, make_cache, items)
-        target_accuracy[layout] = _retrieval(backbone, lambda: None, items)[0]
-    passage = docs[0][:, :128]
-    copy_gain = {"target": _copy_gain(backbone, passage), "retriever": _copy_gain(retriever, passage)}
-    retriever_record = json.loads((retriever_path / "retrieval_training.json").read_text())
+    retrieval = _retrieval_comparison(backbone, tokenizer, docs, context, n_retrieval, quick, device)
+    copy_gain = _copy_gain(backbone, docs[0][:, :128])
+    record = retrieval.record  # the retrieval backbone's training
 
     report = BenchReport(
         "chunkllm",
@@ -394,14 +415,14 @@ def run(device: str = "cpu", quick: bool = False) -> BenchReport:
             f"mechanically (RoPE), the model was not trained there. StreamingLLM and SnapKV keep {budget} of "
             f"{context} context tokens per KV head, the retention of {budget_name}. "
             f"Retrieval (`retrieval_*` and `needle_kept_*` columns): the retrieval backbone of "
-            f"`recipes/train_retrieval_lm.py` ({retriever_record['layers']} layers x {retriever_record['hidden_size']}"
-            f", {retriever_record['parameters'] / 1e6:.2f}M parameters, reference tokenizer; "
-            f"{retriever_record['induction_steps']} steps of random-span copying, then "
-            f"{retriever_record['retrieval_steps']} steps of {retriever_record['retrieval_rows']}, training names "
-            f"disjoint from the probe's), with its own adapters ({retriever_steps} steps, {key_value} key-value "
+            f"`recipes/train_retrieval_lm.py` ({record['layers']} layers x {record['hidden_size']}, "
+            f"{record['parameters'] / 1e6:.2f}M parameters, reference tokenizer; {record['induction_steps']} steps of "
+            f"random-span copying, then {record['retrieval_steps']} steps of {record['retrieval_rows']}, training "
+            f"names disjoint from the probe's), with its own adapters ({record['adapter_steps']} steps, "
+            f"{record['key_value_documents']} key-value "
             f"documents added to the corpus text); its retention per setting is `retrieval_kv_retention`, and "
-            f"StreamingLLM and SnapKV keep {retriever_budget} tokens per KV head there, the retention of "
-            f"{retrieval_name}. {n_retrieval} multiple-choice prompts of {context} tokens (validation text) per "
+            f"StreamingLLM and SnapKV keep {retrieval.budget} tokens per KV head there, the retention of "
+            f"{retrieval.setting}. {n_retrieval} multiple-choice prompts of {context} tokens (validation text) per "
             f'layout, {CHOICES} planted `NAME = "value"` lines (random 5-letter values) in the first eighth, one name '
             f"queried at the end, the {CHOICES} planted values ranked by log-likelihood (chance {1 / CHOICES:.2f}). "
             f'Layouts: `question` asks `NAME?` in a line of its own and the answer `"value"` starts the next line '
@@ -409,17 +430,17 @@ def run(device: str = "cpu", quick: bool = False) -> BenchReport:
         ),
     )
     base_ppl = results["full attention"][0]
-    base_acc = {layout: retrieval["full attention", layout][0] for layout in LAYOUTS}
+    base_acc = {layout: retrieval.scores["full attention", layout][0] for layout in LAYOUTS}
     chunk_names = sorted({*_chunk_caches(chunkllm, top_ks), *_chunk_caches(chunkllm, RETRIEVAL_TOP_KS)}, key=_top_k)
     for name in ["full attention", *chunk_names, "StreamingLLM", "SnapKV"]:
         row = {"method": name}
         if name in results:
             perplexity, retention = results[name]
             row.update(kv_retention=retention, perplexity=perplexity, perplexity_ratio=ratio(perplexity, base_ppl))
-        if name in retrieval_retention:
-            row["retrieval_kv_retention"] = retrieval_retention[name]
+        if name in retrieval.retention:
+            row["retrieval_kv_retention"] = retrieval.retention[name]
             for layout in LAYOUTS:
-                accuracy, needle_kept = retrieval[name, layout]
+                accuracy, needle_kept = retrieval.scores[name, layout]
                 row[f"retrieval_{layout}"] = accuracy
                 row[f"retrieval_ratio_{layout}"] = ratio(accuracy, base_acc[layout]) if base_acc[layout] else math.nan
                 row[f"needle_kept_{layout}"] = needle_kept
@@ -436,7 +457,7 @@ def run(device: str = "cpu", quick: bool = False) -> BenchReport:
                 static[f"speedup_{length}"] = ratio(decode[length][STATIC], decode[length]["full attention"])
             report.add_row(static)
     row = next(row for row in report.rows if row["method"] == budget_name)
-    retrieval_row = next(row for row in report.rows if row["method"] == retrieval_name)
+    retrieval_row = next(row for row in report.rows if row["method"] == retrieval.setting)
     checked = LAYOUTS[0]
     # the retrieval ratio only means something when full attention itself retrieves
     retrieves = base_acc[checked] > _chance_bound(1 / CHOICES, n_retrieval)
@@ -450,7 +471,7 @@ def run(device: str = "cpu", quick: bool = False) -> BenchReport:
         (budget_name, "KV retention <= 50%", row["kv_retention"] <= TARGETS["kv_retention"]),
         (budget_name, "perplexity within +5%", row["perplexity_ratio"] <= 1 + TARGETS["perplexity_increase"]),
         (
-            f"{retrieval_name} on the retrieval backbone",
+            f"{retrieval.setting} on the retrieval backbone",
             f"retrieval ({checked} layout) >= 95% of full attention at <= 50% KV retention",
             retrieval_met,
         ),
@@ -460,20 +481,20 @@ def run(device: str = "cpu", quick: bool = False) -> BenchReport:
         verdict = "not measurable: full attention does not retrieve" if met is None else "met" if met else "NOT met"
         report.note(f"{method}: target {label} — {verdict}")
     scores = ", ".join(f"{layout} {base_acc[layout]:.2f}" for layout in LAYOUTS)
-    target_scores = ", ".join(f"{layout} {target_accuracy[layout]:.2f}" for layout in LAYOUTS)
+    target_scores = ", ".join(f"{layout} {retrieval.target_accuracy[layout]:.2f}" for layout in LAYOUTS)
     report.note(
         f"Retrieval chance is {1 / CHOICES:.2f} ({CHOICES} choices); full attention on the retrieval backbone scores "
         f"{scores} (clearly above chance means > {_chance_bound(1 / CHOICES, n_retrieval):.2f} over {n_retrieval} "
         f"items). Why a second backbone: with full attention the reference target scores {target_scores}, and "
-        f"repeating a 128-token validation passage lowers its per-token NLL by only {copy_gain['target']:.2f} nats "
-        f"(the retrieval backbone's: {copy_gain['retriever']:.2f})."
+        f"repeating a 128-token validation passage lowers its per-token NLL by only {copy_gain:.2f} nats "
+        f"(the retrieval backbone's: {retrieval.copy_gain:.2f})."
     )
-    inline = {name: retrieval[name, "inline"][0] for name in (retrieval_name, "StreamingLLM", "SnapKV")}
+    inline = {name: retrieval.scores[name, "inline"][0] for name in (retrieval.setting, "StreamingLLM", "SnapKV")}
     report.note(
         f"ChunkLLM selects chunks at each chunk start, with the adapter query of the chunk's first token. In the "
         f"`question` layout the queried name is closed by a chunk boundary before the answer, so the answer's chunk "
         f"selects knowing it; in the `inline` layout the name sits inside the answer's own chunk, after its "
-        f"selection was made, and {retrieval_name} retrieves {inline[retrieval_name]:.2f} there (full attention "
+        f"selection was made, and {retrieval.setting} retrieves {inline[retrieval.setting]:.2f} there (full attention "
         f"{base_acc['inline']:.2f}). StreamingLLM ({inline['StreamingLLM']:.2f}) and SnapKV ({inline['SnapKV']:.2f}) "
         f"prefill the prompt with full attention and evict afterwards, so the prompt's last token, which predicts the "
         f"value's first token, still reads everything. `needle_kept_*`: the fraction of (item, layer, KV head) in "
