@@ -3,16 +3,16 @@
 Protocol (all methods, same texts): a long context is prefilled into the method's cache, then the continuation is
 scored. ChunkLLM's adapters are trained once on the reference target with `recipes/train_chunkllm.py` and cached;
 the KV budget of StreamingLLM and SnapKV is set to ChunkLLM's measured retention on the continuation. Retrieval is
-multiple choice: `NAME = "value"` lines are planted early in the context, the prompt ends with one `NAME = "`, and
-each planted value is scored as its continuation by log-likelihood (right value ranked first = correct; chance is
-1 / choices). The reference target never learned in-context copying, so retrieval is measured on a second backbone
-that did (`recipes/train_retrieval_lm.py`, trained once and cached), with its own adapters and its own eviction
-budget matched to its ChunkLLM retention. Because a model can only retrieve what its cache still holds,
-`needle_kept` also reports, per method, the fraction of (item, layer, KV head) in which the token after the prompt
-can read every token of the right value: a property of the cache policy. Decode speed is measured at several
-context lengths (validation documents concatenated), prefill excluded; the longest ones exceed the length the
-target was trained on, which changes what the model predicts but not how fast it runs, so they are speed
-measurements only.
+multiple choice: `NAME = "value"` lines are planted early in the context, the prompt ends by querying one name
+(`NAME = "` inline, or `NAME?` then `"` on a new line: question, then answer), and each planted value is scored as
+its continuation by log-likelihood (right value ranked first = correct; chance is 1 / choices). The reference
+target never learned in-context copying, so retrieval is measured on a second backbone that did
+(`recipes/train_retrieval_lm.py`, trained once and cached), with its own adapters and its own eviction budget
+matched to its ChunkLLM retention. Because a model can only retrieve what its cache still holds, `needle_kept`
+also reports, per method, the fraction of (item, layer, KV head) in which the token after the prompt can read
+every token of the right value: a property of the cache policy. Decode speed is measured at several context
+lengths (validation documents concatenated), prefill excluded; the longest ones exceed the length the target was
+trained on, which changes what the model predicts but not how fast it runs, so they are speed measurements only.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _cached_training(name: str, recipe, args: list[str], *sources: Path) -> Path
     from hf_efficient.reference import cache_dir
 
     code = b"".join(Path(path).read_bytes() for path in (recipe.__file__, *sources))
-    out = Path(cache_dir()) / f"{name}-{hashlib.sha256(code + str(args).encode()).hexdigest()[:12]}"
+    out = cache_dir() / f"{name}-{hashlib.sha256(code + str(args).encode()).hexdigest()[:12]}"
     if not (out / "config.json").is_file():
         recipe.main([f"--output-dir={out}", *args])
     return out
@@ -58,7 +58,7 @@ def _cached_training(name: str, recipe, args: list[str], *sources: Path) -> Path
 
 def _retrieval_backbone(quick: bool) -> Path:
     """A small Llama with in-context retrieval (`recipes/train_retrieval_lm.py`), trained into the reference
-    cache on first use (~15 min on 2 CPU cores; seconds, untrained, with `quick`)."""
+    cache on first use (~17 min on 2 CPU cores; seconds, untrained, with `quick`)."""
     from hf_efficient.recipes import train_retrieval_lm
     from hf_efficient.reference import reference_key
 
@@ -294,11 +294,6 @@ def _eviction_caches(evicting, budget: int) -> dict[str, tuple]:
     }
 
 
-def _top_k(name: str) -> int:
-    """The top-k of a `"ChunkLLM k=K"` method name."""
-    return int(name.rsplit("=", 1)[1])
-
-
 def _most_retentive_within(retention: dict[str, float], top_ks) -> str:
     """The ChunkLLM setting (method name) of `top_ks` that keeps the most KV within the retention target (the
     smallest top-k if none does)."""
@@ -431,7 +426,7 @@ def run(device: str = "cpu", quick: bool = False) -> BenchReport:
     )
     base_ppl = results["full attention"][0]
     base_acc = {layout: retrieval.scores["full attention", layout][0] for layout in LAYOUTS}
-    chunk_names = sorted({*_chunk_caches(chunkllm, top_ks), *_chunk_caches(chunkllm, RETRIEVAL_TOP_KS)}, key=_top_k)
+    chunk_names = [f"ChunkLLM k={k}" for k in sorted({*top_ks, *RETRIEVAL_TOP_KS})]
     for name in ["full attention", *chunk_names, "StreamingLLM", "SnapKV"]:
         row = {"method": name}
         if name in results:
