@@ -27,7 +27,14 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-__all__ = ["NLLResult", "bits_per_byte", "gzip_bits_per_byte", "negative_log_likelihood", "perplexity"]
+__all__ = [
+    "NLLResult",
+    "bits_per_byte",
+    "continuation_bits_per_byte",
+    "gzip_bits_per_byte",
+    "negative_log_likelihood",
+    "perplexity",
+]
 
 DEFAULT_MAX_WINDOW = 512  # small models are often trained on short sequences (the reference ones on 512)
 
@@ -67,6 +74,38 @@ def _windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, in
         if end == n_tokens:
             return spans
         scored_up_to, end = end, min(end + stride, n_tokens)
+
+
+def _score_pieces(
+    model: nn.Module, pieces: list[tuple[list[int], int]], batch_size: int, progress: bool
+) -> tuple[float, int]:
+    """Summed NLL (nats) and count of the scored targets of `pieces`: (token ids, index of the first scored target);
+    every later target of a piece is scored, each predicted from the position before it."""
+    pieces = sorted(pieces, key=lambda piece: len(piece[0]))  # similar lengths per batch: little padding
+    device = next(model.parameters()).device
+    batches = range(0, len(pieces), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="scoring", unit="batch")
+    nats, tokens = 0.0, 0
+    with torch.inference_mode():
+        for i in batches:
+            batch = pieces[i : i + batch_size]
+            length = max(len(ids) for ids, _ in batch)
+            input_ids = torch.zeros(len(batch), length, dtype=torch.long)  # (B, L), right-padded
+            score = torch.zeros(len(batch), length, dtype=torch.bool)  # (B, L): targets to score
+            for row, (ids, first) in enumerate(batch):
+                input_ids[row, : len(ids)] = torch.tensor(ids)
+                score[row, first : len(ids)] = True
+            attention_mask = (torch.arange(length) < torch.tensor([len(ids) for ids, _ in batch])[:, None]).long()
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+            log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, L-1, V): predicts targets 1..L-1
+            target_lp = log_probs.gather(-1, input_ids[:, 1:, None].to(device))[..., 0]  # (B, L-1)
+            mask = score[:, 1:].to(device)  # (B, L-1)
+            nats -= target_lp[mask].sum().item()
+            tokens += int(mask.sum())
+    return nats, tokens
 
 
 def negative_log_likelihood(
@@ -115,30 +154,7 @@ def negative_log_likelihood(
             continue
         total_bytes += n_bytes
         pieces += [(ids[b:e], t - b) for b, e, t in _windows(len(ids), window, stride)]
-    pieces.sort(key=lambda piece: len(piece[0]))  # similar lengths per batch: little padding
-    device = next(model.parameters()).device
-    batches = range(0, len(pieces), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, desc="scoring", unit="batch")
-    nats, tokens = 0.0, 0
-    with torch.inference_mode():
-        for i in batches:
-            batch = pieces[i : i + batch_size]
-            length = max(len(ids) for ids, _ in batch)
-            input_ids = torch.zeros(len(batch), length, dtype=torch.long)  # (B, L), right-padded
-            score = torch.zeros(len(batch), length, dtype=torch.bool)  # (B, L): targets to score
-            for row, (ids, first) in enumerate(batch):
-                input_ids[row, : len(ids)] = torch.tensor(ids)
-                score[row, first : len(ids)] = True
-            attention_mask = (torch.arange(length) < torch.tensor([len(ids) for ids, _ in batch])[:, None]).long()
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-            log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, L-1, V): predicts targets 1..L-1
-            target_lp = log_probs.gather(-1, input_ids[:, 1:, None].to(device))[..., 0]  # (B, L-1)
-            mask = score[:, 1:].to(device)  # (B, L-1)
-            nats -= target_lp[mask].sum().item()
-            tokens += int(mask.sum())
+    nats, tokens = _score_pieces(model, pieces, batch_size, progress)
     return NLLResult(nats=nats, tokens=tokens, bytes=total_bytes)
 
 
@@ -180,6 +196,41 @@ def bits_per_byte(
         model, tokenizer, texts, window=window, stride=stride, batch_size=batch_size, progress=progress
     )
     return result.bits_per_byte
+
+
+def continuation_bits_per_byte(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> float:
+    """Bits per byte of each continuation given its context: NLL of the continuation's tokens in bits over its
+    UTF-8 bytes, for `(context, continuation)` pairs.
+
+    Context and continuation are tokenized separately (the continuation's tokens do not depend on the context),
+    so the same continuation can be scored after different contexts, e.g. a clean and a corrupted one. Each pair
+    is scored in one forward, from the start token: keep it within the model's trained length.
+
+    Example:
+
+    ```python
+    >>> clean = continuation_bits_per_byte(model, tokenizer, [("The cat sat on", " the mat.")])
+    >>> noisy = continuation_bits_per_byte(model, tokenizer, [("Teh cat sta on", " the mat.")])
+    ```
+    """
+    start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start_id is None:
+        raise ValueError("continuation_bits_per_byte needs a tokenizer with a BOS or EOS token to start from")
+    pieces, total_bytes = [], 0
+    for context, continuation in pairs:
+        context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+        continuation_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        pieces.append(([start_id, *context_ids, *continuation_ids], 1 + len(context_ids)))
+        total_bytes += len(continuation.encode("utf-8"))
+    nats, _ = _score_pieces(model, pieces, batch_size, progress)
+    return nats / math.log(2) / max(1, total_bytes)
 
 
 def _deflated_size(data: bytes, level: int) -> int:

@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerFast
 from hf_efficient.eval import (
     _windows,
     bits_per_byte,
+    continuation_bits_per_byte,
     gzip_bits_per_byte,
     negative_log_likelihood,
     perplexity,
@@ -108,6 +109,29 @@ def test_windowed_equals_unwindowed_for_a_bigram_model():
         log_probs = torch.log_softmax(model.table(ids[:-1]), dim=-1)  # (L-1, V)
         expected -= log_probs.gather(-1, ids[1:, None]).sum().item()
     assert full.nats == pytest.approx(expected, rel=1e-5)
+
+
+def test_continuation_scores_only_the_continuation_given_its_context():
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = BigramLM(len(tokenizer))
+    pairs = [(text[: len(text) // 2], text[len(text) // 2 :]) for text in TEXTS] + [("", TEXTS[0])]
+    expected_bits, n_bytes = 0.0, 0
+    for context, continuation in pairs:  # brute force: the first continuation token follows the context's last
+        context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+        ids = [tokenizer.bos_token_id, *context_ids, *tokenizer(continuation, add_special_tokens=False)["input_ids"]]
+        ids = torch.tensor(ids)
+        log_probs = torch.log_softmax(model.table(ids[:-1]), dim=-1).gather(-1, ids[1:, None])[:, 0]  # (L-1,)
+        expected_bits -= log_probs[len(context_ids) :].sum().item() / math.log(2)
+        n_bytes += len(continuation.encode())
+    bpb = continuation_bits_per_byte(model, tokenizer, pairs, batch_size=2)
+    assert bpb == pytest.approx(expected_bits / n_bytes, rel=1e-5)
+    # a transformer: batching (right padding) does not change the scores; the context does
+    model = tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    one_by_one = continuation_bits_per_byte(model, tokenizer, pairs, batch_size=1)
+    assert continuation_bits_per_byte(model, tokenizer, pairs, batch_size=8) == pytest.approx(one_by_one, rel=1e-4)
+    other_context = [("zzzz qqqq", continuation) for _, continuation in pairs]
+    assert continuation_bits_per_byte(model, tokenizer, other_context) != pytest.approx(one_by_one, rel=1e-4)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

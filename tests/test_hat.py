@@ -7,6 +7,7 @@ import torch
 from test_hnet import (
     PROMPTS,
     TOK,
+    assert_slots_compact_like_alone,
     check_trainer_lowers_loss,
     greedy,
     remote_round_trip,
@@ -14,6 +15,7 @@ from test_hnet import (
 )
 
 from hf_efficient.models import HATConfig, HATForCausalLM
+from hf_efficient.models.hat import HATCache
 from hf_efficient.models.hat.splitter_hat import WordSplitState, word_starts
 
 CASES = {
@@ -77,6 +79,14 @@ def test_batched_rows_equal_alone(case):
     assert any(0 < b < len(PROMPTS) for b in backbone_batches[1:])  # rows closed words at different bytes
     for i, prompt in enumerate(PROMPTS):
         torch.testing.assert_close(batched[i], greedy(model, [prompt])[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_backbone_cache_and_word_memory_are_compact_per_row(case):
+    def word_level(cache: HATCache):
+        return [(cache.state.backbone.kv, cache.state.backbone.count), (cache.state.memory, cache.state.memory_count)]
+
+    assert_slots_compact_like_alone(tiny_hat(case), HATCache, word_level)
 
 
 def test_outputs_word_starts():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -101,6 +102,34 @@ def test_batched_rows_equal_alone_with_ragged_chunking(case):
     assert any(0 < b < len(PROMPTS) for b in inner_batches[1:])
     for i, prompt in enumerate(PROMPTS):
         torch.testing.assert_close(batched[i], greedy(model, [prompt])[0], rtol=0, atol=0)
+
+
+def assert_slots_compact_like_alone(model, new_cache, slot_sets) -> None:
+    """Generate `PROMPTS` as a batch and each alone: for every `(KVSlots, count)` of `slot_sets(cache)`, row i's n_i
+    items sit in slots 0..n_i-1 and equal the alone run's, however the rows' steps interleaved."""
+    batched = new_cache()
+    greedy(model, PROMPTS, past_key_values=batched)
+    for i, prompt in enumerate(PROMPTS):
+        alone = new_cache()
+        greedy(model, [prompt], past_key_values=alone)
+        for (slots, count), (ref_slots, ref_count) in zip(slot_sets(batched), slot_sets(alone), strict=True):
+            n = int(ref_count[0])
+            assert int(count[i]) >= n and slots.capacity <= 2 * (int(count.max()) + 1)
+            for store, ref_store in zip(slots.keys + slots.values, ref_slots.keys + ref_slots.values, strict=True):
+                torch.testing.assert_close(store[i, :, :n], ref_store[0, :, :n], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_main_network_cache_is_compact_per_row(case):
+    from hf_efficient.models.hnet import HNetCache
+
+    def main_network(cache: HNetCache):
+        node = cache.root
+        while hasattr(node, "inner"):
+            node = node.inner
+        return [(node.kv, node.count)]
+
+    assert_slots_compact_like_alone(tiny_hnet(case), HNetCache, main_network)
 
 
 def test_outputs_boundaries_and_compression():
@@ -228,12 +257,14 @@ def test_model_card_renders(family):
 
 @pytest.mark.slow
 def test_byte_benchmark_quick_run():
-    from hf_efficient.bench.byte import add_noise, run
+    from hf_efficient.bench.byte import add_noise, context_pairs, run
 
     assert add_noise("Hello world", rate=0.0) == "Hello world" and add_noise("Hello world", rate=1.0) != "Hello world"
+    assert context_pairs(["abcdefghij"], span=2) == [("ab", "cd"), ("ef", "gh")]
     report = run(quick=True)
     assert [row["model"] for row in report.rows] == ["bpe", "hnet", "hnet2", "hat"]
     assert all(row["gen_bytes_per_s_b8"] > 0 and row["bpb_prose"] > 0 for row in report.rows)
+    assert all(math.isfinite(row["bpb_ctx_noise_rise"]) for row in report.rows)
 
 
 def test_streaming_generation_and_chunk_rendering(tmp_path):

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 from transformers import Cache
 
+from .cache_slots import KVSlots
 from .layers_hat import HATStackCache
 from .splitter_hat import WordSplitState
 
@@ -26,22 +27,19 @@ class HATState:
             model.config.num_attention_heads,
             model.config.hidden_size // model.config.num_attention_heads,
         )
-        empty = torch.zeros(batch_size, heads, 0, head_dim, device=device, dtype=dtype)
-        self.memory_keys = [empty for _ in range(model.config.decoder_layers)]  # (B, H, W, D_h) per layer
-        self.memory_values = [empty for _ in range(model.config.decoder_layers)]
-        self.memory_positions = torch.zeros(batch_size, 0, dtype=torch.long, device=device)  # (B, W) word index
+        # slot j of the decoder's word memory holds word j's backbone output, projected per decoder layer
+        self.memory = KVSlots(model.config.decoder_layers, batch_size, heads, head_dim, device, dtype)
+        self.memory_count = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) words closed
         self.buffer = torch.zeros(batch_size, 0, model.config.hidden_size, device=device, dtype=dtype)  # open word
         self.buffer_len = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.words = torch.zeros(batch_size, dtype=torch.long, device=device)  # words started so far
         self.split = WordSplitState(batch_size, device)
 
     def apply_(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        for part in (self.encoder, self.backbone, self.decoder, self.split):
+        for part in (self.encoder, self.backbone, self.decoder, self.memory, self.split):
             part.apply_(fn)
-        self.memory_keys = [fn(t) for t in self.memory_keys]
-        self.memory_values = [fn(t) for t in self.memory_values]
-        self.memory_positions, self.buffer, self.buffer_len, self.words = map(
-            fn, (self.memory_positions, self.buffer, self.buffer_len, self.words)
+        self.memory_count, self.buffer, self.buffer_len, self.words = map(
+            fn, (self.memory_count, self.buffer, self.buffer_len, self.words)
         )
 
 

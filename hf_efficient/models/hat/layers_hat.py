@@ -16,26 +16,10 @@ from transformers.models.llama.modeling_llama import (
     eager_attention_forward,
 )
 
+from .cache_slots import KVSlots, put_rows, take_rows
 from .configuration_hat import HATConfig
 
-__all__ = ["HATCrossAttention", "HATStack", "HATStackCache", "attention_bias", "put_rows", "take_rows"]
-
-
-def take_rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    """`t[rows]` along the batch dimension, or `t` when `rows` is `None` (all rows)."""
-    return t if rows is None else t.index_select(0, rows)
-
-
-def put_rows(t: torch.Tensor, rows: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
-    """Out-of-place `t[rows] = value` (or `value` when `rows` is `None`)."""
-    return value if rows is None else t.index_copy(0, rows, value.to(t.dtype))
-
-
-def append_slots(store: torch.Tensor, rows: torch.Tensor | None, new: torch.Tensor, fill: int = 0) -> torch.Tensor:
-    """Append `new` (B', H, q, ...) as q slots (dim 2) of `store` (B, H, S, ...); rows not stepped get `fill`."""
-    if rows is not None:
-        new = store.new_full((store.shape[0], *new.shape[1:]), fill).index_copy(0, rows, new.to(store.dtype))
-    return torch.cat([store, new.to(store.dtype)], dim=2)
+__all__ = ["HATCrossAttention", "HATStack", "HATStackCache", "attention_bias"]
 
 
 def attention_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -66,30 +50,17 @@ def llama_config(config: HATConfig, backbone: bool) -> LlamaConfig:
 
 
 class HATStackCache:
-    """KV per layer for the full batch, the logical position of every slot (-1 = empty), items seen per row."""
+    """The stack's KV for the full batch (`KVSlots`, compact per-row slots) and the items seen per row (`count`)."""
 
     def __init__(self, stack: HATStack, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
         attn = stack.layers[0].self_attn
-        shape = (batch_size, attn.config.num_key_value_heads, 0, attn.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in stack.layers]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in stack.layers]
-        self.positions = torch.zeros(batch_size, 0, dtype=torch.long, device=device)  # (B, S)
+        heads, head_dim = attn.config.num_key_value_heads, attn.head_dim
+        self.kv = KVSlots(len(stack.layers), batch_size, heads, head_dim, device, dtype)
         self.count = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
 
     def apply_(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.keys, self.values = [fn(t) for t in self.keys], [fn(t) for t in self.values]
-        self.positions, self.count = fn(self.positions), fn(self.count)
-
-
-class _AppendKV:
-    """Duck-typed `Cache` for one Llama attention layer: prepends the gathered past, records the new KV."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self.keys, self.values, self.new = keys, values, None
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        self.new = (key_states, value_states)  # (B', H_kv, q, D)
-        return torch.cat([self.keys, key_states], dim=2), torch.cat([self.values, value_states], dim=2)
+        self.kv.apply_(fn)
+        self.count = fn(self.count)
 
 
 class HATStack(nn.Module):
@@ -126,7 +97,9 @@ class HATStack(nn.Module):
         """
         count = take_rows(cache.count, rows) if cache is not None else valid.new_zeros(valid.shape[0]).long()
         q_pos = torch.where(valid, count[:, None] + valid.long().cumsum(1) - 1, -1)  # (B', L)
-        k_pos = torch.cat([take_rows(cache.positions, rows), q_pos], dim=1) if cache is not None else q_pos
+        k_pos = q_pos
+        if cache is not None:
+            k_pos, flat, size = cache.kv.place(rows, count, valid, q_pos)  # (B', S): slot i holds position i
         qp, kp = q_pos[:, :, None], k_pos[:, None, :]
         allowed = (kp >= 0) & (kp <= qp)
         if self.window is not None:
@@ -135,13 +108,9 @@ class HATStack(nn.Module):
         for i, layer in enumerate(self.layers):
             if interleave is not None:
                 x = interleave(i, x)
-            kv = _AppendKV(take_rows(cache.keys[i], rows), take_rows(cache.values[i], rows)) if cache else None
+            kv = cache.kv.layer_cache(i, rows, flat, size) if cache is not None else None
             x = layer(x, attention_mask=bias, position_embeddings=rope, past_key_values=kv)
-            if cache is not None:
-                cache.keys[i] = append_slots(cache.keys[i], rows, kv.new[0])
-                cache.values[i] = append_slots(cache.values[i], rows, kv.new[1])
         if cache is not None:
-            cache.positions = append_slots(cache.positions[:, None], rows, q_pos[:, None], fill=-1)[:, 0]
             cache.count = put_rows(cache.count, rows, count + valid.sum(1))
         return self.norm(x)
 

@@ -24,8 +24,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from .cache_hat import HATCache, HATState
+from .cache_slots import put_rows, take_rows
 from .configuration_hat import HATConfig
-from .layers_hat import HATCrossAttention, HATStack, append_slots, attention_bias
+from .layers_hat import HATCrossAttention, HATStack, attention_bias
 from .splitter_hat import word_starts
 
 __all__ = ["HATCache", "HATCausalLMOutput", "HATForCausalLM", "HATPreTrainedModel"]
@@ -199,8 +200,10 @@ class HATForCausalLM(HATPreTrainedModel, GenerationMixin):
         # the decoder's bytes of word j read the start memory and the backbone outputs of words j-window .. j-1
         start_k, start_v = zip(*(attn.project_memory(self.start_memory.view(1, 1, -1)) for attn in self.cross_attns))
         if state is not None:
-            memory_pos = state.memory_positions
-            keys, values = state.memory_keys, state.memory_values
+            size = int(state.memory_count.max())
+            slot = torch.arange(size, device=x.device)
+            memory_pos = torch.where(slot < state.memory_count[:, None], slot, -1)  # (B, W): slot j holds word j
+            keys, values = zip(*(state.memory.read(i, None, size) for i in range(len(self.cross_attns))))
         else:
             memory, memory_pos = new_memory
             keys, values = zip(*(attn.project_memory(memory) for attn in self.cross_attns))
@@ -236,11 +239,11 @@ class HATForCausalLM(HATPreTrainedModel, GenerationMixin):
         words = self.backbone(self.word_in(pooled), word_valid, state.backbone if state else None, rows)
         memory = self.word_out(words)  # (B', K, D)
         if state is not None:
+            count = take_rows(state.memory_count, rows)  # (B',)
+            _, flat, _ = state.memory.place(rows, count, word_valid, memory_pos)
             for i, attn in enumerate(self.cross_attns):
-                k, v = attn.project_memory(memory)
-                state.memory_keys[i] = append_slots(state.memory_keys[i], rows, k)
-                state.memory_values[i] = append_slots(state.memory_values[i], rows, v)
-            state.memory_positions = append_slots(state.memory_positions[:, None], rows, memory_pos[:, None], -1)[:, 0]
+                state.memory.write(i, flat, *attn.project_memory(memory))
+            state.memory_count = put_rows(state.memory_count, rows, count + word_valid.sum(1))
         return memory, memory_pos
 
 

@@ -13,9 +13,10 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 
+from .cache_slots import KVSlots, put_rows, take_rows
 from .configuration_hnet import HNetConfig
 
-__all__ = ["HNetRecurrentBlock", "HNetStack", "HNetStackCache", "linear_scan", "take_rows"]
+__all__ = ["HNetRecurrentBlock", "HNetStack", "HNetStackCache", "linear_scan"]
 
 
 def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
@@ -29,25 +30,16 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None
     Returns:
         `torch.Tensor` of shape `(B, L, C)`: every `h_t`.
     """
-    if h0 is not None and b.shape[1] > 0:
-        b = torch.cat([b[:, :1] + a[:, :1] * h0[:, None], b[:, 1:]], dim=1)
     shift, length = 1, b.shape[1]
+    if h0 is not None and length > 0:
+        first = b[:, :1] + a[:, :1] * h0[:, None]
+        b = first if length == 1 else torch.cat([first, b[:, 1:]], dim=1)
     while shift < length:
         # compose element t with element t - shift: (a, b)_t <- (a_t a_{t-s}, a_t b_{t-s} + b_t)
         b = torch.cat([b[:, :shift], b[:, shift:] + a[:, shift:] * b[:, :-shift]], dim=1)
         a = torch.cat([a[:, :shift], a[:, shift:] * a[:, :-shift]], dim=1)
         shift *= 2
     return b
-
-
-def take_rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    """`t[rows]` along the batch dimension, or `t` itself when `rows` is `None` (all rows)."""
-    return t if rows is None else t.index_select(0, rows)
-
-
-def put_rows(t: torch.Tensor, rows: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
-    """Out-of-place `t[rows] = value` (or `value` when `rows` is `None`)."""
-    return value if rows is None else t.index_copy(0, rows, value.to(t.dtype))
 
 
 def last_valid_index(valid: torch.Tensor) -> torch.Tensor:
@@ -94,42 +86,30 @@ def stage_llama_config(config: HNetConfig, stage: int) -> LlamaConfig:
 
 
 class HNetStackCache:
-    """Per-stack generation state for the full batch: KV per attention layer, conv/recurrent state per recurrent
-    layer, the logical position of every KV slot (-1 = empty) and the number of valid items seen per row."""
+    """Per-stack generation state for the full batch: the attention layers' KV (`KVSlots`, compact per-row slots),
+    conv/recurrent state per recurrent layer and the number of valid items seen per row (`count`)."""
 
     def __init__(self, stack: HNetStack, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
-        self.positions = torch.zeros(batch_size, 0, dtype=torch.long, device=device)  # (B, S)
         self.count = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
-        self.keys: dict[int, torch.Tensor] = {}
-        self.values: dict[int, torch.Tensor] = {}
         self.states: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.attention_layer: dict[int, int] = {}  # block index -> layer of `kv`
         for i, block in enumerate(stack.layers):
             if isinstance(block, HNetRecurrentBlock):
                 self.states[i] = block.initial_state(batch_size, device, dtype)
             else:
-                attn = block.self_attn
-                kv_shape = (batch_size, attn.config.num_key_value_heads, 0, attn.head_dim)
-                self.keys[i] = torch.zeros(kv_shape, dtype=dtype, device=device)
-                self.values[i] = torch.zeros(kv_shape, dtype=dtype, device=device)
+                self.attention_layer[i] = len(self.attention_layer)
+        self.kv = None
+        if self.attention_layer:
+            attn = stack.layers[next(iter(self.attention_layer))].self_attn
+            heads, head_dim = attn.config.num_key_value_heads, attn.head_dim
+            self.kv = KVSlots(len(self.attention_layer), batch_size, heads, head_dim, device, dtype)
 
     def apply_(self, fn) -> None:
         """Replace every state tensor `t` by `fn(t)` (batch reordering, selection, repetition, device moves)."""
-        self.positions, self.count = fn(self.positions), fn(self.count)
-        self.keys = {i: fn(t) for i, t in self.keys.items()}
-        self.values = {i: fn(t) for i, t in self.values.items()}
+        self.count = fn(self.count)
+        if self.kv is not None:
+            self.kv.apply_(fn)
         self.states = {i: tuple(fn(t) for t in s) for i, s in self.states.items()}
-
-
-class _AppendKV:
-    """Duck-typed `Cache` handed to one Llama attention layer: prepends the gathered past, records the new KV."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self.keys, self.values = keys, values
-        self.new_keys = self.new_values = None
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        self.new_keys, self.new_values = key_states, value_states  # (B', H_kv, q, D)
-        return torch.cat([self.keys, key_states], dim=2), torch.cat([self.values, value_states], dim=2)
 
 
 class HNetRecurrentBlock(nn.Module):
@@ -167,14 +147,15 @@ class HNetRecurrentBlock(nn.Module):
         u, gate, a_raw = self.in_proj(self.norm(x)).chunk(3, dim=-1)  # 3 x (B, L, C)
         mask = valid[..., None]
         seq = torch.cat([conv_state, (u * mask).transpose(1, 2)], dim=2)  # (B, C, K-1+L)
+        # the next conv window = the K-1 inputs ending at the last valid position (old window if none)
         if x.shape[1] == 1:  # decoding step: a dot product with the kernel is much cheaper than conv1d
             conv = (seq * self.conv.weight[:, 0]).sum(-1, keepdim=True) + self.conv.bias[:, None]  # (B, C, 1)
+            new_conv = torch.where(valid[:, :, None], seq[..., 1:], conv_state)  # (B, C, K-1)
         else:
             conv = F.conv1d(seq, self.conv.weight, self.conv.bias, groups=self.channels)  # (B, C, L)
+            window = last_valid_index(valid)[:, None] + 1 + torch.arange(self.kernel - 1, device=x.device)
+            new_conv = seq.gather(2, window[:, None, :].expand(-1, self.channels, -1))  # (B, C, K-1)
         u = F.silu(conv).transpose(1, 2)
-        # the next conv window = the K-1 inputs ending at the last valid position (old window if none)
-        window = last_valid_index(valid)[:, None] + 1 + torch.arange(self.kernel - 1, device=x.device)
-        new_conv = seq.gather(2, window[:, None, :].expand(-1, self.channels, -1))  # (B, C, K-1)
         a = torch.sigmoid(a_raw + self.decay_bias)  # (B, L, C)
         b = torch.where(mask, (1 - a) * u, 0.0)
         a = torch.where(mask, a, 1.0)  # padding passes the state through unchanged
@@ -220,8 +201,10 @@ class HNetStack(nn.Module):
         count = take_rows(cache.count, rows) if cache is not None else valid.new_zeros(valid.shape[0]).long()
         q_pos = torch.where(valid, count[:, None] + valid.long().cumsum(1) - 1, -1)  # (B', L) logical positions
         if self.rotary_emb is not None:
-            past_pos = take_rows(cache.positions, rows) if cache is not None else q_pos[:, :0]
-            bias = attention_bias(q_pos, torch.cat([past_pos, q_pos], dim=1), self.window, x.dtype)  # (B',1,L,S+L)
+            k_pos = q_pos
+            if cache is not None:
+                k_pos, flat, size = cache.kv.place(rows, count, valid, q_pos)  # (B', S): slot i holds position i
+            bias = attention_bias(q_pos, k_pos, self.window, x.dtype)  # (B', 1, L, S)
             rope = self.rotary_emb(x, q_pos.clamp(min=0))
         for i, block in enumerate(self.layers):
             if isinstance(block, HNetRecurrentBlock):
@@ -230,21 +213,8 @@ class HNetStack(nn.Module):
                 if cache is not None:
                     cache.states[i] = tuple(put_rows(s, rows, n) for s, n in zip(cache.states[i], new_state))
                 continue
-            kv = _AppendKV(take_rows(cache.keys[i], rows), take_rows(cache.values[i], rows)) if cache else None
+            kv = cache.kv.layer_cache(cache.attention_layer[i], rows, flat, size) if cache is not None else None
             x = block(x, attention_mask=bias, position_embeddings=rope, past_key_values=kv)
-            if cache is not None:
-                cache.keys[i] = _append_slots(cache.keys[i], rows, kv.new_keys)
-                cache.values[i] = _append_slots(cache.values[i], rows, kv.new_values)
         if cache is not None:
-            if self.rotary_emb is not None:
-                cache.positions = _append_slots(cache.positions[:, None], rows, q_pos[:, None], fill=-1)[:, 0]
             cache.count = put_rows(cache.count, rows, count + valid.sum(1))
         return self.norm(x)
-
-
-def _append_slots(store: torch.Tensor, rows: torch.Tensor | None, new: torch.Tensor, fill: int = 0) -> torch.Tensor:
-    """Append `new` (B', H, q, ...) as q new slots (dim 2) of `store` (B, H, S, ...); other rows get `fill`."""
-    if rows is not None:
-        full = store.new_full((store.shape[0], *new.shape[1:]), fill)
-        new = full.index_copy(0, rows, new.to(store.dtype))
-    return torch.cat([store, new.to(store.dtype)], dim=2)

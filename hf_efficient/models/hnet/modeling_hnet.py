@@ -21,9 +21,10 @@ from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .cache_hnet import HNetCache, HNetStageCache
+from .cache_slots import put_rows, take_rows
 from .configuration_hnet import HNetConfig
 from .dynamic_chunking_hnet import HNetRouter, chunk, dechunk, ratio_loss, straight_through
-from .layers_hnet import HNetRecurrentBlock, HNetStack, HNetStackCache, last_valid_index, put_rows, take_rows
+from .layers_hnet import HNetRecurrentBlock, HNetStack, HNetStackCache, last_valid_index
 
 __all__ = ["HNetCache", "HNetCausalLMOutput", "HNetForCausalLM", "HNetModel", "HNetPreTrainedModel"]
 

@@ -1,0 +1,1 @@
+../hnet/cache_slots.py
