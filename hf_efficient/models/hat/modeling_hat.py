@@ -24,7 +24,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from .cache_hat import HATCache, HATState
-from .cache_slots import put_rows, take_rows
+from .cache_slots import filled_positions, put_rows, take_rows
 from .configuration_hat import HATConfig
 from .layers_hat import HATCrossAttention, HATStack, attention_bias
 from .splitter_hat import word_starts
@@ -201,8 +201,7 @@ class HATForCausalLM(HATPreTrainedModel, GenerationMixin):
         start_k, start_v = zip(*(attn.project_memory(self.start_memory.view(1, 1, -1)) for attn in self.cross_attns))
         if state is not None:
             size = int(state.memory_count.max())
-            slot = torch.arange(size, device=x.device)
-            memory_pos = torch.where(slot < state.memory_count[:, None], slot, -1)  # (B, W): slot j holds word j
+            memory_pos = filled_positions(state.memory_count, size)  # (B, W): slot j holds word j
             keys, values = zip(*(state.memory.read(i, None, size) for i in range(len(self.cross_attns))))
         else:
             memory, memory_pos = new_memory

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["KVSlots", "put_rows", "take_rows"]
+__all__ = ["KVSlots", "filled_positions", "put_rows", "take_rows"]
 
 
 def take_rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -26,6 +26,12 @@ def take_rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
 def put_rows(t: torch.Tensor, rows: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
     """Out-of-place `t[rows] = value` (or `value` when `rows` is `None`)."""
     return value if rows is None else t.index_copy(0, rows, value.to(t.dtype))
+
+
+def filled_positions(count: torch.Tensor, size: int) -> torch.Tensor:
+    """Logical position (B, size) of the first `size` slots of rows holding `count` (B,) items; -1 where empty."""
+    slot = torch.arange(size, device=count.device)
+    return torch.where(slot < count[:, None], slot, -1)
 
 
 class KVSlots:
@@ -67,8 +73,7 @@ class KVSlots:
             grow = max(size + 1, 2 * self.capacity) - self.capacity
             self.keys = [F.pad(t, (0, 0, 0, grow)) for t in self.keys]
             self.values = [F.pad(t, (0, 0, 0, grow)) for t in self.values]
-        slot = torch.arange(size, device=valid.device)
-        key_position = torch.where(slot < total[:, None], slot, -1)  # (B', size)
+        key_position = filled_positions(total, size)  # (B', size)
         batch_rows = rows if rows is not None else torch.arange(valid.shape[0], device=valid.device)
         target = torch.where(valid, position, total[:, None])  # (B', L)
         heads = self.keys[0].shape[1]
