@@ -24,7 +24,6 @@ _SUBMODULES = (
     "cli",
     "eval",
     "hub",
-    "kernels",
     "models",
     "prefill",
     "reference",

@@ -11,7 +11,7 @@ from hf_efficient.cache import GEARCache, HeavyHitterCache, KIVICache, SnapKVCac
 from hf_efficient.cache.gear import gear_compress
 from hf_efficient.cache.quantization import pack_bits, quantize, unpack_bits
 from hf_efficient.cache.scoring import ATTENTION_NAME
-from hf_efficient.compat import ALL_ATTENTION_FUNCTIONS, ALL_MASK_ATTENTION_FUNCTIONS
+from hf_efficient.compat import ALL_ATTENTION_FUNCTIONS, ALL_MASK_ATTENTION_FUNCTIONS, cache_kwarg
 
 # name -> factory(config, length): a cache that would compress/evict below `length`, and one that never does
 COMPRESSING = {
@@ -46,7 +46,7 @@ def _padded_batch(lengths=(14, 9), seed=0):
 
 def _generate(model, ids, mask, cache, new_tokens=12):
     return model.generate(
-        input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new_tokens, do_sample=False
+        input_ids=ids, attention_mask=mask, **cache_kwarg(cache), max_new_tokens=new_tokens, do_sample=False
     )
 
 
@@ -166,7 +166,7 @@ def test_quantized_footprint_targets():
     ids = torch.randint(3, 96, (1, 256))
     full = 2 * 2 * ids.shape[1] * 2 * 32 * 4  # layers * (K, V) * L * H_kv * D * fp32
     for cache, limit in ((KIVICache(model.config, bits=2), 0.15), (GEARCache(model.config, bits=4, rank=2), 0.3)):
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_kwarg(cache), use_cache=True)
         assert cache.nbytes() < limit * full, (type(cache).__name__, cache.nbytes() / full)
 
 
@@ -185,11 +185,11 @@ def test_long_generation_keeps_positions(arch, name):
     model = tiny_causal_lm(arch, num_hidden_layers=1)
     cache = COMPRESSING[name](model.config)
     prompt = torch.randint(3, 96, (1, 30 if name == "snapkv" else 8))
-    out = model.generate(prompt, past_key_values=cache, max_new_tokens=36, min_new_tokens=36, do_sample=False)
+    out = model.generate(prompt, **cache_kwarg(cache), max_new_tokens=36, min_new_tokens=36, do_sample=False)
     assert out.shape[1] - prompt.shape[1] >= 3 * 12
     step = torch.tensor([[5]])  # fed instead of the last generated token, which the cache has not seen yet
     kept = cache.layers[0].positions[0].clone()  # (H_kv, budget)
-    logits = model(step, past_key_values=cache, use_cache=True).logits[0, -1]
+    logits = model(step, **cache_kwarg(cache), use_cache=True).logits[0, -1]
 
     sequence = torch.cat([out[:, :-1], step], dim=1)
     n, heads = sequence.shape[1], model.config.num_attention_heads
@@ -213,17 +213,17 @@ def test_crop_rolls_back_exactly(name):
     model = tiny_causal_lm("llama")
     cache = COMPRESSING[name](model.config)
     ids = torch.randint(3, 96, (1, 20))
-    model(ids, past_key_values=cache, use_cache=True)
+    model(ids, **cache_kwarg(cache), use_cache=True)
     for token in (7, 8):
-        model(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+        model(torch.tensor([[token]]), **cache_kwarg(cache), use_cache=True)
     before = copy.deepcopy(cache)
     assert cache.is_croppable
     cache.activate_past_recording()
-    model(torch.randint(3, 96, (1, 5)), past_key_values=cache, use_cache=True)  # a draft of 5 tokens
+    model(torch.randint(3, 96, (1, 5)), **cache_kwarg(cache), use_cache=True)  # a draft of 5 tokens
     cache.crop(-5)
     assert cache.get_seq_length() == before.get_seq_length() == 22
-    logits = model(torch.tensor([[9]]), past_key_values=cache, use_cache=True).logits
-    expected = model(torch.tensor([[9]]), past_key_values=before, use_cache=True).logits
+    logits = model(torch.tensor([[9]]), **cache_kwarg(cache), use_cache=True).logits
+    expected = model(torch.tensor([[9]]), **cache_kwarg(before), use_cache=True).logits
     torch.testing.assert_close(logits, expected)
     with pytest.raises(ValueError, match="negative"):
         cache.crop(3)
@@ -233,14 +233,14 @@ def test_crop_rolls_back_exactly(name):
 def test_crop_refused_where_it_cannot_be_exact():
     model = tiny_causal_lm("llama")
     h2o = COMPRESSING["h2o"](model.config)
-    model(torch.randint(3, 96, (1, 20)), past_key_values=h2o, use_cache=True)
+    model(torch.randint(3, 96, (1, 20)), **cache_kwarg(h2o), use_cache=True)
     assert not h2o.is_croppable
     with pytest.raises(ValueError, match="is_croppable"):
         h2o.crop(-1)
     with pytest.raises(ValueError, match="is_croppable"):
         h2o.activate_past_recording()  # what assisted decoding calls first
     kivi = KIVICache(model.config, bits=2, group_size=8, residual_length=8)
-    model(torch.randint(3, 96, (1, 20)), past_key_values=kivi, use_cache=True)  # 16 compressed, 4 in the residual
+    model(torch.randint(3, 96, (1, 20)), **cache_kwarg(kivi), use_cache=True)  # 16 compressed, 4 in the residual
     with pytest.raises(ValueError, match="uncompressed"):
         kivi.crop(-6)
 
@@ -272,6 +272,87 @@ def test_invalid_settings_raise(factory, match):
 def test_attention_registered_and_required():
     assert ATTENTION_NAME in ALL_ATTENTION_FUNCTIONS and ATTENTION_NAME in ALL_MASK_ATTENTION_FUNCTIONS
     model = tiny_causal_lm("llama")
-    cache = StreamingCache(copy.deepcopy(model.config), sink_tokens=2, window=4)  # the model keeps plain sdpa
-    with pytest.raises(RuntimeError, match=ATTENTION_NAME):
-        model.generate(torch.randint(3, 96, (1, 8)), past_key_values=cache, max_new_tokens=3)
+    cache = StreamingCache(copy.deepcopy(model.config), sink_tokens=2, window=4)  # not the model's config object
+    with pytest.raises(RuntimeError, match=r"config=model\.config"):
+        model.generate(torch.randint(3, 96, (1, 8)), **cache_kwarg(cache), max_new_tokens=3)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", EVICTING)
+def test_eviction_caches_leave_the_model_alone(name, attn):
+    """Building and filling an eviction cache never changes the model's attention setting; plain and speculative
+    generation on the same model afterwards give what they gave before."""
+    from hf_efficient.speculative import TokenRecycling
+
+    model = tiny_causal_lm("llama", attn_implementation=attn)
+    ids, mask = _padded_batch((20, 13))
+    plain_before = _generate(model, ids, mask, None)
+    cache = COMPRESSING[name](model.config)
+    assert model.config._attn_implementation == attn
+    compressed = _generate(model, ids, mask, cache, new_tokens=16)
+    assert model.config._attn_implementation == attn
+    assert cache.layers[0].keys.shape[-2] < 20 + 16  # it did evict
+    assert torch.equal(_generate(model, ids, mask, None), plain_before)
+    speculative = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=12, custom_generate=TokenRecycling()
+    )
+    assert torch.equal(speculative, plain_before)
+    assert compressed.shape[1] == ids.shape[1] + 16
+
+
+def test_opting_in_to_the_scoring_attention_is_kept():
+    model = tiny_causal_lm("llama")
+    ids, mask = _padded_batch()
+    expected = _generate(model, ids, mask, StreamingCache(model.config, sink_tokens=2, window=6))
+    model.set_attn_implementation(ATTENTION_NAME)  # documented opt-in: SDPA for every other cache
+    assert torch.equal(_generate(model, ids, mask, StreamingCache(model.config, sink_tokens=2, window=6)), expected)
+    assert model.config._attn_implementation == ATTENTION_NAME
+    assert torch.equal(_generate(model, ids, mask, None), _generate(tiny_causal_lm("llama"), ids, mask, None))
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_snapkv_under_speculative_decoding_equals_plain_snapkv(rows):
+    """SnapKV evicts the prompt once, at prefill; decoding appends. Speculative greedy decoding over it (tree masks
+    read per kept slot, ragged acceptance holes in batches) gives exactly plain greedy decoding over it."""
+    from hf_efficient.speculative import DraftModel, TokenRecycling
+
+    model = tiny_causal_lm("llama")
+    ids, mask = _padded_batch((30, 21)[:rows])
+    expected = _generate(model, ids, mask, SnapKVCache(model.config, budget=12, window=4), new_tokens=20)
+    for strategy in (TokenRecycling(tree=6), DraftModel(model, max_depth=3, stop_threshold=None)):
+        cache = SnapKVCache(model.config, budget=12, window=4)
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=20, custom_generate=strategy, **cache_kwarg(cache)
+        )
+        assert torch.equal(out, expected), type(strategy).__name__
+        assert strategy.stats.mean_accepted > 1.0  # drafts were verified over the compressed cache
+        decoded = cache.get_seq_length() - ids.shape[1]  # columns since the prompt (with holes in a batch)
+        assert cache.layers[0].keys.shape[-2] == 12 + decoded  # the compressed prompt and every decoded column
+
+
+def test_streaming_under_speculative_decoding_stays_in_budget():
+    """StreamingLLM rolls back rejected drafts exactly (eviction waits for the crop) and keeps its budget; until the
+    window first fills, its output is plain greedy decoding."""
+    from hf_efficient.speculative import DraftModel
+
+    model = tiny_causal_lm("llama")
+    ids = torch.randint(3, 96, (1, 6), generator=torch.Generator().manual_seed(3))
+    strategy = DraftModel(model, max_depth=3, stop_threshold=None)
+    cache = StreamingCache(model.config, sink_tokens=2, window=10)
+    out = model.generate(ids, max_new_tokens=30, do_sample=False, custom_generate=strategy, **cache_kwarg(cache))
+    assert out.shape[1] == 6 + 30 and strategy.stats.mean_accepted > 1.0
+    assert cache.layers[0].keys.shape[-2] == 12 and cache.get_seq_length() == 6 + 30 - 1
+    early = model.generate(ids, max_new_tokens=5, do_sample=False)  # 6 + 5 tokens fit in 2 sinks + 10
+    assert torch.equal(out[:, : early.shape[1]], early)
+
+
+def test_heavy_hitter_refused_by_speculative_decoding_for_the_right_reason():
+    from hf_efficient.speculative import TokenRecycling
+
+    model = tiny_causal_lm("llama")
+    cache = HeavyHitterCache(model.config, budget=12, recent=4)
+    with pytest.raises(ValueError, match="is_croppable=False"):
+        model.generate(
+            torch.randint(3, 96, (1, 8)), max_new_tokens=4, custom_generate=TokenRecycling(), **cache_kwarg(cache)
+        )
+    assert model.config._attn_implementation == "sdpa"

@@ -10,6 +10,7 @@ import torch
 from factories import ARCHITECTURES, tiny_causal_lm
 from transformers import AutoModelForCausalLM
 
+from hf_efficient.compat import cache_kwarg
 from hf_efficient.models import ChunkLLMConfig, ChunkLLMForCausalLM
 from hf_efficient.models.chunkllm import ChunkLLMCache
 
@@ -70,7 +71,7 @@ def test_prefill_blocks_and_decoding_select_the_same_keys(arch):
                 input_ids[:, start:end],
                 attention_mask=attention_mask[:, :end],
                 position_ids=position_ids[:, start:end],
-                past_key_values=cache,
+                **cache_kwarg(cache),
                 use_cache=True,
             )
             steps.append(out.logits)
@@ -117,7 +118,7 @@ def test_cached_decode_selection_equals_a_fresh_gather(arch):
         for fresh in (False, True):
             cache, ids, mask, steps = model.new_cache(), input_ids, attention_mask, []
             for _ in range(20):
-                out = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+                out = model(ids, attention_mask=mask, **cache_kwarg(cache), use_cache=True)
                 steps.append(out.logits[:, -1])
                 ids = out.logits[:, -1:].argmax(dim=-1)
                 mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
@@ -157,11 +158,11 @@ def test_copied_cache_decodes_like_the_original():
     runs = []
     with torch.no_grad():
         cache = model.new_cache()
-        first = model(input_ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(dim=-1)
+        first = model(input_ids, **cache_kwarg(cache), use_cache=True).logits[:, -1:].argmax(dim=-1)
         for copied in (copy.deepcopy(cache), cache):
             token, steps = first, []
             for _ in range(12):
-                logits = model(token, past_key_values=copied, use_cache=True).logits
+                logits = model(token, **cache_kwarg(copied), use_cache=True).logits
                 token = logits[:, -1:].argmax(dim=-1)
                 steps.append(logits)
             runs.append(torch.cat(steps, dim=1))
@@ -185,7 +186,7 @@ def test_cache_tracks_chunks_and_refuses_crop():
     input_ids, attention_mask = _prompt(length=30, pad=4)
     cache = model.new_cache()
     with torch.no_grad():
-        model(input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+        model(input_ids, attention_mask=attention_mask, **cache_kwarg(cache), use_cache=True)
     assert cache.get_seq_length() == 30
     assert (cache.chunk_of[0, :4] == -1).all() and (cache.chunk_of[0, 4:] >= 0).all()
     assert cache.is_sink.sum(dim=1).tolist() == [3, 3] and cache.is_sink[0, 4:7].all()
@@ -203,7 +204,7 @@ def test_foreign_cache_is_refused():
 
     model = ChunkLLMForCausalLM.from_backbone(tiny_causal_lm("llama"))
     with pytest.raises(ValueError, match="not a ChunkLLMCache"):
-        model(torch.tensor([[5, 6, 7]]), past_key_values=DynamicCache())
+        model(torch.tensor([[5, 6, 7]]), **cache_kwarg(DynamicCache()))
 
 
 def test_only_adapters_receive_gradients():
@@ -430,3 +431,25 @@ def test_benchmark_quick_run():
             for layout in chunkllm.LAYOUTS
         )
     assert any(note.startswith("ChunkLLM k=") and "on the retrieval backbone" in note for note in report.notes)
+
+
+def test_from_backbone_leaves_the_backbone_alone():
+    """Wrapping neither switches the backbone's attention, freezes it, hooks it nor copies its weights; plain and
+    speculative generation on it afterwards give what they gave before."""
+    from hf_efficient.speculative import TokenRecycling
+
+    backbone = tiny_causal_lm("llama")
+    input_ids, attention_mask = _prompt(pad=5)
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=10, do_sample=False)
+    before = backbone.generate(**kwargs)
+    model = _chunky(backbone, top_k_chunks=2)
+    assert backbone.config._attn_implementation == "sdpa"
+    assert all(parameter.requires_grad for parameter in backbone.parameters())
+    assert not any(module._forward_pre_hooks for module in backbone.modules())
+    shared = {p.data_ptr() for p in backbone.parameters()}
+    assert {p.data_ptr() for p in model.backbone.parameters()} == shared  # one copy of the weights
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    model.generate(**kwargs)  # the wrapper runs its own chunk-selective attention
+    assert model.backbone.config._attn_implementation == "chunkllm"
+    assert torch.equal(backbone.generate(**kwargs), before)
+    assert torch.equal(backbone.generate(**kwargs, custom_generate=TokenRecycling()), before)

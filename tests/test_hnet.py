@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
+from hf_efficient.compat import cache_kwarg
 from hf_efficient.models import ByteTokenizer, HNetConfig, HNetForCausalLM
 from hf_efficient.models.hnet.dynamic_chunking_hnet import ratio_loss
 from hf_efficient.models.hnet.layers_hnet import linear_scan
@@ -108,10 +109,10 @@ def assert_slots_compact_like_alone(model, new_cache, slot_sets) -> None:
     """Generate `PROMPTS` as a batch and each alone: for every `(KVSlots, count)` of `slot_sets(cache)`, row i's n_i
     items sit in slots 0..n_i-1 and equal the alone run's, however the rows' steps interleaved."""
     batched = new_cache()
-    greedy(model, PROMPTS, past_key_values=batched)
+    greedy(model, PROMPTS, **cache_kwarg(batched))
     for i, prompt in enumerate(PROMPTS):
         alone = new_cache()
-        greedy(model, [prompt], past_key_values=alone)
+        greedy(model, [prompt], **cache_kwarg(alone))
         for (slots, count), (ref_slots, ref_count) in zip(slot_sets(batched), slot_sets(alone), strict=True):
             n = int(ref_count[0])
             assert int(count[i]) >= n and slots.capacity <= 2 * (int(count.max()) + 1)

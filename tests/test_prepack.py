@@ -4,6 +4,7 @@ import pytest
 import torch
 from factories import ARCHITECTURES, tiny_causal_lm, tiny_tokenizer
 
+from hf_efficient.compat import output_cache
 from hf_efficient.prefill import first_fit_decreasing, pack_prompts, prepacked_generate, prepacked_prefill
 
 
@@ -50,7 +51,7 @@ def test_prepacked_prefill_matches_per_prompt_cache():
     prompts = _prompts([6, 11, 3])
     cache = prepacked_prefill(model, prompts)
     for i, prompt in enumerate(prompts):
-        alone = model(torch.tensor([prompt]), use_cache=True).past_key_values
+        alone = output_cache(model(torch.tensor([prompt]), use_cache=True))
         for layer, expected in zip(cache.layers, alone.layers):
             torch.testing.assert_close(layer.keys[i, :, -len(prompt) :], expected.keys[0], atol=1e-5, rtol=1e-5)
             assert not layer.values[i, :, : 11 - len(prompt)].any()  # left padding
@@ -65,5 +66,6 @@ def test_text_prompts_with_tokenizer_and_eager():
         assert torch.equal(output, _alone(model, tokenizer(text)["input_ids"], max_new_tokens=6, do_sample=False))
     with pytest.raises(ValueError, match="tokenizer"):
         prepacked_generate(model, texts)
-    with pytest.raises(ValueError, match="past_key_values"):
-        prepacked_generate(model, texts, tokenizer, past_key_values=None)
+    for name in ("cache", "past_key_values"):  # either spelling of the cache argument
+        with pytest.raises(ValueError, match="builds the cache itself"):
+            prepacked_generate(model, texts, tokenizer, **{name: None})

@@ -12,12 +12,19 @@ import pytest
 import torch
 from factories import ARCHITECTURES, tiny_causal_lm
 from scipy.stats import chisquare
-from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextStreamer
 from transformers.generation.streamers import BaseStreamer
 
-from hf_efficient.compat import DynamicCache
+from hf_efficient.compat import DynamicCache, cache_kwarg
 from hf_efficient.hub import export_custom_generate
-from hf_efficient.speculative import AcceptanceHead, DecodingState, DraftModel, TokenRecycling, trim_drafter_vocab
+from hf_efficient.speculative import (
+    AcceptanceHead,
+    DecodingState,
+    DraftModel,
+    TokenRecycling,
+    load_drafter,
+    trim_drafter_vocab,
+)
 from hf_efficient.speculative.tree import DraftTree, expected_accepted, tree_template
 
 DRAFTERS = {
@@ -169,7 +176,6 @@ def test_scores_streamer_and_return_dict():
     target = tiny_causal_lm("qwen2")
     inputs = _prompts(1)
     kwargs = dict(max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_scores=True)
-    expected = target.generate(**inputs, **kwargs, output_logits=True)
 
     class Collect(BaseStreamer):
         def __init__(self):
@@ -181,14 +187,56 @@ def test_scores_streamer_and_return_dict():
         def end(self):
             self.ended = True
 
-    strategy = TokenRecycling(tree=8)
-    strategy.streamer = streamer = Collect()
-    out = target.generate(**inputs, **kwargs, output_logits=True, custom_generate=strategy)
+    plain = Collect()
+    expected = target.generate(**inputs, **kwargs, output_logits=True, streamer=plain)
+    streamer = Collect()
+    out = target.generate(
+        **inputs, **kwargs, output_logits=True, custom_generate=TokenRecycling(tree=8), streamer=streamer
+    )
     assert torch.equal(out.sequences, expected.sequences)
     assert len(out.scores) == len(expected.scores) == 12
     torch.testing.assert_close(torch.stack(out.scores), torch.stack(expected.scores), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(torch.stack(out.logits), torch.stack(expected.logits), atol=1e-4, rtol=1e-4)
-    assert streamer.ended and streamer.tokens[-12:] == out.sequences[0, -12:].tolist()
+    assert streamer.ended and streamer.tokens == plain.tokens == out.sequences[0].tolist()  # prompt, then new tokens
+
+
+class _Printed(TextStreamer):
+    """A stock `TextStreamer` that records what it would print."""
+
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer, skip_prompt=True)
+        self.printed = ""
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.printed += text + ("<end>" if stream_end else "")
+
+
+@pytest.mark.parametrize("kind", ["recycling", "draft", "exported"])
+def test_text_streamer_prints_what_plain_generate_prints(tmp_path, kind):
+    from factories import tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    target = tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    inputs = tokenizer(["def parse(text):"], return_tensors="pt")
+    kwargs = dict(max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    plain = _Printed(tokenizer)
+    expected = target.generate(**inputs, **kwargs, streamer=plain)
+    drafter = tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=1, num_hidden_layers=1)
+    strategy = DraftModel(drafter, max_depth=3) if kind == "draft" else TokenRecycling(tree=6)
+    streamer = _Printed(tokenizer)
+    if kind == "exported":
+        target.save_pretrained(tmp_path)
+        export_custom_generate(strategy, tmp_path)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+        out = reloaded.generate(
+            **inputs, **kwargs, streamer=streamer, custom_generate=str(tmp_path), trust_remote_code=True
+        )
+    else:
+        out = target.generate(**inputs, **kwargs, streamer=streamer, custom_generate=strategy)
+    assert torch.equal(out, expected)
+    assert plain.printed.endswith("<end>") and len(plain.printed) > len("<end>")
+    assert streamer.printed == plain.printed
 
 
 def _exact_distribution(model, prompt, steps, temperature, top_k, eos):
@@ -323,7 +371,7 @@ def test_clear_errors():
         target.generate(**inputs, num_beams=2, max_new_tokens=4, custom_generate=TokenRecycling())
     with pytest.raises(ValueError, match="is_croppable=False"):
         cache = _EvictingCache(config=target.config)
-        target.generate(**inputs, past_key_values=cache, max_new_tokens=4, custom_generate=TokenRecycling())
+        target.generate(**inputs, **cache_kwarg(cache), max_new_tokens=4, custom_generate=TokenRecycling())
     with pytest.raises(ValueError, match="KV cache"):
         target.generate(**inputs, use_cache=False, max_new_tokens=4, custom_generate=TokenRecycling())
     with pytest.raises(ValueError, match="prefix_allowed_tokens_fn"):
@@ -340,7 +388,7 @@ def test_clear_errors():
         )
 
 
-@pytest.mark.parametrize("kind", ["recycling", "draft"])
+@pytest.mark.parametrize("kind", ["recycling", "draft", "trimmed"])
 def test_export_custom_generate_folder(tmp_path, kind):
     from transformers import AutoModelForCausalLM
 
@@ -349,6 +397,9 @@ def test_export_custom_generate_folder(tmp_path, kind):
     if kind == "recycling":
         strategy = TokenRecycling(tree=6)
         target.generate(**inputs, max_new_tokens=8, custom_generate=strategy)  # learned state travels too
+    elif kind == "trimmed":
+        drafter = trim_drafter_vocab(tiny_causal_lm("llama", seed=1, num_hidden_layers=1), torch.arange(96), 48)
+        strategy = DraftModel(drafter)
     else:
         strategy = DraftModel(tiny_causal_lm("llama", seed=1, num_hidden_layers=1), acceptance_head=AcceptanceHead(32))
     target.save_pretrained(tmp_path)
@@ -437,3 +488,22 @@ def test_adaptive_depth_calibrates_an_underconfident_drafter():
     assert accepted[-1] > accepted[0] + 1.0, accepted  # learned that its low confidence still means accepted
     strategy.reset()
     assert strategy.calibrated(torch.tensor([0.05, 0.05])).tolist() == pytest.approx([0.05, 0.05])  # prior again
+
+
+def test_trimmed_drafter_survives_save_and_load(tmp_path):
+    target = tiny_causal_lm("llama")
+    drafter = trim_drafter_vocab(tiny_causal_lm("llama", seed=1, num_hidden_layers=1), torch.arange(96), 40)
+    drafter.save_pretrained(tmp_path)
+    reloaded = load_drafter(tmp_path)
+    assert reloaded.config.draft_vocab_ids == drafter.config.draft_vocab_ids
+    assert reloaded.get_output_embeddings().weight.shape == (40, 32)
+    for name, tensor in drafter.state_dict().items():
+        assert torch.equal(tensor, reloaded.state_dict()[name]), name
+    inputs = _prompts(1)
+    first, second = DraftModel(drafter, max_depth=3), DraftModel(reloaded, max_depth=3)
+    out = target.generate(**inputs, max_new_tokens=12, custom_generate=first)
+    assert torch.equal(target.generate(**inputs, max_new_tokens=12, custom_generate=second), out)
+    assert first.stats.draft_tokens == second.stats.draft_tokens  # the same drafts, not just the same output
+    untrimmed = tiny_causal_lm("llama", seed=2, num_hidden_layers=1)
+    untrimmed.save_pretrained(tmp_path / "plain")
+    assert load_drafter(tmp_path / "plain").get_output_embeddings().weight.shape[0] == untrimmed.config.vocab_size

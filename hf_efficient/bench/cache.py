@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..compat import Cache, DynamicCache, QuantizedCache
+from ..compat import Cache, DynamicCache, QuantizedCache, cache_kwarg
 from .harness import BenchReport, measure, ratio
 
 LIGHT_GEAR = "GEAR 2-bit r=1, 1% outliers"
@@ -92,11 +92,11 @@ def teacher_forced(model, ids: torch.Tensor, prompt_len: int, cache: Cache) -> t
         mean bytes the cache held over the decode steps.
     """
     with torch.inference_mode():
-        logits = model(ids[:, :prompt_len], past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(ids[:, :prompt_len], use_cache=True, **cache_kwarg(cache)).logits[:, -1]
         nll, held = 0.0, []
         for t in range(prompt_len, ids.shape[1]):
             nll += F.cross_entropy(logits.float(), ids[:, t], reduction="sum").item()
-            logits = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(ids[:, t : t + 1], use_cache=True, **cache_kwarg(cache)).logits[:, -1]
             held.append(held_bytes(cache))
     return nll, ids.shape[1] - prompt_len, sum(held) / len(held)
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ..compat import cache_kwarg
 from .harness import BenchReport, ratio, synchronize
 
 DESCRIPTION = "ChunkLLM adapters vs full attention, StreamingLLM and SnapKV: perplexity, retrieval, decode speed"
@@ -134,12 +135,12 @@ def _continuation_nll(model, cache, doc: torch.Tensor, context: int, on_prefille
     if cache is None:
         logits = model(doc[:, :-1]).logits[:, context - 1 :]
         return _nll(logits, doc[:, context:]), doc.shape[1] - context
-    prefill = model(doc[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    prefill = model(doc[:, :context], use_cache=True, logits_to_keep=1, **cache_kwarg(cache))
     if on_prefilled is not None:
         on_prefilled(cache)
     logits = prefill.logits
     if doc.shape[1] - context > 1:
-        rest = model(doc[:, context:-1], past_key_values=cache, use_cache=True).logits
+        rest = model(doc[:, context:-1], use_cache=True, **cache_kwarg(cache)).logits
         logits = torch.cat([logits, rest], dim=1)  # predictions of doc[:, context:]
     return _nll(logits, doc[:, context:]), doc.shape[1] - context
 
@@ -568,7 +569,7 @@ def _decode_speed(
         synchronize(device)
         start = time.perf_counter()
         for _ in range(new_tokens):
-            logits = model(token, past_key_values=cache, use_cache=True).logits
+            logits = model(token, use_cache=True, **cache_kwarg(cache)).logits
             token = logits[:, -1:].argmax(dim=-1)  # (B, 1)
         synchronize(device)
         return time.perf_counter() - start
@@ -584,7 +585,7 @@ def _decode_speed(
             for name, (model, make_cache) in timed.items():
                 cache = make_cache() or DynamicCache(config=model.config)
                 start = time.perf_counter()
-                logits = model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+                logits = model(prompt, use_cache=True, logits_to_keep=1, **cache_kwarg(cache)).logits
                 synchronize(device)
                 prefill_seconds[name] = time.perf_counter() - start
                 prefilled[name] = (cache, logits[:, -1:].argmax(dim=-1))

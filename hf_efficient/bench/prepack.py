@@ -41,7 +41,7 @@ def lognormal_prompts(tokenizer, n: int, median: int, sigma: float, max_len: int
 
 def padded_prefill(model, prompts: list[list[int]]):
     """HF's way: one left-padded batch of every prompt, 2-D attention mask, a fresh cache."""
-    from ..compat import DynamicCache
+    from ..compat import DynamicCache, cache_kwarg, output_cache
 
     width = max(len(p) for p in prompts)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
@@ -53,11 +53,11 @@ def padded_prefill(model, prompts: list[list[int]]):
         out = model(
             input_ids=ids.to(model.device),
             attention_mask=mask.to(model.device),
-            past_key_values=DynamicCache(config=model.config),
             use_cache=True,
             logits_to_keep=1,
+            **cache_kwarg(DynamicCache(config=model.config)),
         )
-    return out.past_key_values
+    return output_cache(out)
 
 
 def measure_cold(fn: Callable[[], Any], repeats: int, device: str) -> Measurement:

@@ -12,7 +12,7 @@ __all__ = ["demo"]
 def demo() -> None:
     """Generate with every cache on the reference target, printing bytes held and text; then prepack prompts."""
     from hf_efficient.cache import GEARCache, HeavyHitterCache, KIVICache, SnapKVCache, StreamingCache
-    from hf_efficient.compat import DynamicCache
+    from hf_efficient.compat import DynamicCache, cache_kwarg
     from hf_efficient.prefill import prepacked_generate
     from hf_efficient.reference import reference_corpus, reference_model
 
@@ -36,7 +36,7 @@ def demo() -> None:
         cache = factory()
         start = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(ids, past_key_values=cache, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+            out = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, **cache_kwarg(cache))
         seconds = time.perf_counter() - start
         held = (
             cache.nbytes()

@@ -9,20 +9,27 @@ keeps the top `budget` slots in position order and masks attention itself, so:
 - `get_seq_length()` is logical (tokens seen: generate derives RoPE positions from it), `get_mask_sizes()`
   physical (`kept + q` slots at offset `seen - kept`), keys keep the RoPE rotation of their original position;
 - GQA is scored per KV head, never through `repeat_kv`;
-- left-padded batches work: padded slots never count as sinks or heavy hitters and are never attended to.
+- left-padded batches work: padded slots never count as sinks or heavy hitters and are never attended to;
+- a forward whose 4-D mask covers every column the cache was ever given (speculative tree verification: holes of
+  ragged acceptance included) is masked per kept slot from that mask, so croppable eviction caches verify drafts.
+
+`EvictionCache` routes each layer's attention call to `"hfe_kv"` while the cache is being filled
+(`scoring.AttentionRoute`); the model's own attention setting is never changed.
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from transformers import PreTrainedConfig
 
-from .base import MeasuredLayer, tensor_nbytes
-from .scoring import ATTENTION_NAME, HANDOFF_ATTRIBUTE, grouped_attention, sdpa_attention_forward
+from .base import CompressedKVCache, MeasuredLayer, tensor_nbytes
+from .scoring import ATTENTION_NAME, HANDOFF_ATTRIBUTE, AttentionRoute, grouped_attention, sdpa_attention_forward
 
-__all__ = ["EvictionLayer"]
+__all__ = ["EvictionCache", "EvictionLayer"]
 
 
 class EvictionLayer(MeasuredLayer):
@@ -36,6 +43,7 @@ class EvictionLayer(MeasuredLayer):
     is_sliding = False
     is_croppable = False
     needs_queries = False  # whether `observe` must run (it always receives the queries when it does)
+    route: AttentionRoute | None = None  # set by `EvictionCache`: routes the attention call after `update`
 
     def __init__(self, budget: int, recent: int):
         super().__init__()
@@ -76,9 +84,9 @@ class EvictionLayer(MeasuredLayer):
         """Appends `(B, H_kv, q, D)` states; the returned keys carry this layer to the `"hfe_kv"` attention."""
         if self.awaiting_attention:
             raise RuntimeError(
-                f"{type(self).__name__} was updated twice without its attention running: the model's attention "
-                f"implementation must be {ATTENTION_NAME!r} (`model.set_attn_implementation({ATTENTION_NAME!r})`), "
-                "which the cache constructor sets on the config it is given; pass `config=model.config`"
+                f"{type(self).__name__} was updated twice without its attention running: the cache routes the "
+                f"model's attention to {ATTENTION_NAME!r} through the config it was built with; build it with "
+                "`config=model.config` (the model's own config object, not a copy)"
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -90,6 +98,8 @@ class EvictionLayer(MeasuredLayer):
         self.cumulative_length += q_len
         self.awaiting_attention = True
         setattr(self.keys, HANDOFF_ATTRIBUTE, self)
+        if self.route is not None:
+            self.route.to_scoring()
         return self.keys, self.values
 
     def attend(
@@ -116,7 +126,7 @@ class EvictionLayer(MeasuredLayer):
         self.positions[..., -q_len:] = torch.where(valid_new, self.positions[..., -q_len:], -1)
         mask = None
         if not self.contiguous or self.needs_queries:
-            mask = self._visibility(new_block, q_len, kwargs.get("sliding_window"))  # (B, H_kv, q, L)
+            mask = self._visibility(attention_mask, new_block, q_len, kwargs.get("sliding_window"))  # (B, H_kv, q, L)
         if self.contiguous:  # exactly the SDPA path of an uncompressed cache
             output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
         else:
@@ -134,11 +144,23 @@ class EvictionLayer(MeasuredLayer):
         causal = torch.ones(q_len, q_len, dtype=torch.bool, device=self.device).tril()
         return causal.expand(self.keys.shape[0], 1, q_len, q_len)
 
-    def _visibility(self, new_block: torch.Tensor, q_len: int, sliding_window: int | None) -> torch.Tensor:
-        """Visibility of every kept slot from every query `(B, H_kv, q, L)`."""
+    def _visibility(
+        self, attention_mask: torch.Tensor | None, new_block: torch.Tensor, q_len: int, sliding_window: int | None
+    ) -> torch.Tensor:
+        """Visibility of every kept slot from every query `(B, H_kv, q, L)`.
+
+        A slot's position is the index of the column it was given at, among all columns this cache was ever given.
+        A mask as wide as that history (the speculative engine's tree masks) is read at those columns; a standard
+        mask only covers the kept suffix, so then padding recorded at insertion decides.
+        """
         batch, kv_heads, length = self.positions.shape
         old = self.positions[..., : length - q_len]  # (B, H_kv, L_old): all earlier than every query
-        old_visible = (old >= 0).unsqueeze(-2).expand(batch, kv_heads, q_len, length - q_len)
+        if attention_mask is not None and attention_mask.shape[-1] == self.cumulative_length:
+            rows = attention_mask[:, 0].unsqueeze(1).expand(batch, kv_heads, q_len, -1)  # (B, H_kv, q, seen)
+            old_visible = rows.gather(-1, old.long().clamp(min=0).unsqueeze(-2).expand(-1, -1, q_len, -1))
+            old_visible = old_visible & (old >= 0).unsqueeze(-2)
+        else:
+            old_visible = (old >= 0).unsqueeze(-2).expand(batch, kv_heads, q_len, length - q_len)
         if sliding_window is not None:
             query_positions = torch.arange(self.cumulative_length - q_len, self.cumulative_length, device=self.device)
             old_visible = old_visible & (old.unsqueeze(-2) > query_positions[:, None] - sliding_window)
@@ -231,3 +253,19 @@ class EvictionLayer(MeasuredLayer):
 
     def nbytes(self) -> int:
         return tensor_nbytes(self.keys, self.values, self.positions) if self.is_initialized else 0
+
+
+class EvictionCache(CompressedKVCache):
+    """A `CompressedKVCache` of eviction layers that routes the model's attention to `"hfe_kv"` while it is filled.
+
+    Args:
+        config (`PreTrainedConfig`): the model's own config object (`model.config`): its attention setting is
+            routed for one call at a time, never changed for good.
+        layer_factory (`Callable[[], EvictionLayer]`): builds one layer policy.
+    """
+
+    def __init__(self, config: PreTrainedConfig, layer_factory: Callable[[], EvictionLayer]):
+        super().__init__(config, layer_factory)
+        route = AttentionRoute(config, type(self).__name__)
+        for layer in self.layers:
+            layer.route = route

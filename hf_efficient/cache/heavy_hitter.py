@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedConfig
 
-from .base import CompressedKVCache, tensor_nbytes
-from .eviction import EvictionLayer
-from .scoring import grouped_logits, masked_softmax, use_compressed_attention
+from .base import tensor_nbytes
+from .eviction import EvictionCache, EvictionLayer
+from .scoring import grouped_logits, masked_softmax
 
 __all__ = ["HeavyHitterCache", "HeavyHitterLayer", "KeyformerLayer"]
 
@@ -106,13 +106,14 @@ class KeyformerLayer(HeavyHitterLayer):
         self.step, self.generator = 0, None
 
 
-class HeavyHitterCache(CompressedKVCache):
+class HeavyHitterCache(EvictionCache):
     """Scored-eviction cache (H2O or Keyformer): `recent` newest tokens plus the heaviest hitters, per KV head.
 
     Accumulated scores cannot be rolled back, so the cache is not croppable (`is_croppable=False`).
 
     Args:
-        config (`PreTrainedConfig`): the model config (switched to the `"hfe_kv"` attention, see `scoring.py`).
+        config (`PreTrainedConfig`): the model's own config (`model.config`); while the cache is filled its attention
+            calls are routed to `"hfe_kv"`, and the model's setting is left as it was (see `scoring.py`).
         budget (`int`, *optional*, defaults to 256): tokens kept per sequence and KV head.
         recent (`int`, *optional*): newest tokens always kept; defaults to `budget // 2` (H2O's equal split).
         score (`str`, *optional*, defaults to `"h2o"`): `"h2o"` (accumulated softmax) or `"keyformer"`.
@@ -153,4 +154,3 @@ class HeavyHitterCache(CompressedKVCache):
             super().__init__(config, lambda: HeavyHitterLayer(budget, recent))
         else:
             super().__init__(config, lambda: KeyformerLayer(budget, recent, tau_init, tau_delta, seed))
-        use_compressed_attention(config, type(self).__name__)

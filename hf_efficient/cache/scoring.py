@@ -9,14 +9,18 @@ falls back to plain SDPA for any other cache. It is registered under `ATTENTION_
 `AttentionInterface` and `AttentionMaskInterface` (without the latter, `create_causal_mask` silently returns
 `None`); the mask interface is plain `sdpa_mask`, so a model switched to it computes exactly what SDPA computes.
 
+Nobody needs to switch a model to it: while an eviction cache is being filled, each layer's `update` routes the
+attention call that follows it here (`AttentionRoute`) and the call routes it back, so the model's own setting
+(`"sdpa"` or `"eager"`) is what every other cache, `generate` call and speculative strategy sees. Opting in for
+good is allowed and changes nothing else:
+
 ```python
->>> model.set_attn_implementation("hfe_kv")   # done for you by the eviction caches' constructors
+>>> model.set_attn_implementation("hfe_kv")   # optional: SDPA for every other cache
 ```
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -28,17 +32,17 @@ from ..compat import AttentionInterface, AttentionMaskInterface, sdpa_attention_
 __all__ = [
     "ATTENTION_NAME",
     "HANDOFF_ATTRIBUTE",
+    "ROUTABLE_ATTENTION",
+    "AttentionRoute",
     "compressed_attention_forward",
     "grouped_attention",
     "grouped_logits",
     "masked_softmax",
-    "use_compressed_attention",
 ]
-
-logger = logging.getLogger(__name__)
 
 ATTENTION_NAME = "hfe_kv"
 HANDOFF_ATTRIBUTE = "_hfe_eviction_layer"
+ROUTABLE_ATTENTION = ("sdpa", "eager", ATTENTION_NAME)  # settings whose masks the eviction layers can read
 
 
 def grouped_logits(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -117,26 +121,52 @@ def compressed_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return layer.attend(module, query, key, value, attention_mask, scaling=scaling, **kwargs), None
+    try:
+        return layer.attend(module, query, key, value, attention_mask, scaling=scaling, **kwargs), None
+    finally:
+        if layer.route is not None:
+            layer.route.back()
 
 
 AttentionInterface.register(ATTENTION_NAME, compressed_attention_forward)
 AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
-def use_compressed_attention(config: PreTrainedConfig, cache_name: str) -> None:
-    """Switches `config` (shared with the model) to the `"hfe_kv"` attention that eviction caches need.
+class AttentionRoute:
+    """Routes one attention call of a model to `"hfe_kv"` and back, leaving the model's setting as it was.
 
-    `"hfe_kv"` computes exactly what SDPA computes for every other cache, so the switch is harmless for later
-    calls; it is logged once per config.
+    A decoder layer looks its attention function up in `config._attn_implementation` right after `cache.update`
+    returns; the eviction layer's `update` calls `to_scoring()` and `compressed_attention_forward` calls `back()`
+    once the layer has attended, so the switch lasts one attention call. A model whose setting already is
+    `"hfe_kv"` (opted in) is left alone.
+
+    Args:
+        config (`PreTrainedConfig`): the config the model's attention modules read (`config=model.config`).
+        cache_name (`str`): for error messages.
     """
-    current = config._attn_implementation
-    if current == ATTENTION_NAME:
-        return
-    logger.info(
-        "%s needs the queries: switching attn_implementation %r -> %r (SDPA for other caches)",
-        cache_name,
-        current,
-        ATTENTION_NAME,
-    )
-    config._attn_implementation = ATTENTION_NAME
+
+    def __init__(self, config: PreTrainedConfig, cache_name: str):
+        self.config = config.get_text_config(decoder=True)
+        self.cache_name = cache_name
+        self.user_setting: str | None = None  # the model's own setting while routed
+
+    def to_scoring(self) -> None:
+        """Route the next attention call to `"hfe_kv"`.
+
+        Raises:
+            `ValueError`: for attention implementations whose masks the eviction layers cannot read.
+        """
+        current = self.config._attn_implementation
+        if current not in ROUTABLE_ATTENTION:
+            raise ValueError(
+                f"{self.cache_name} needs a model with attn_implementation 'sdpa' or 'eager', got {current!r}: "
+                "load it with attn_implementation='sdpa'."
+            )
+        if current != ATTENTION_NAME:
+            self.user_setting = current
+            self.config._attn_implementation = ATTENTION_NAME
+
+    def back(self) -> None:
+        """Restore the model's own setting (no-op when the model opted in to `"hfe_kv"`)."""
+        if self.user_setting is not None:
+            self.config._attn_implementation, self.user_setting = self.user_setting, None

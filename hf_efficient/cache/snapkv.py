@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedConfig
 
-from .base import CompressedKVCache
-from .eviction import EvictionLayer
-from .scoring import grouped_logits, masked_softmax, use_compressed_attention
+from .eviction import EvictionCache, EvictionLayer
+from .scoring import grouped_logits, masked_softmax
 
 __all__ = ["SnapKVCache", "SnapKVLayer"]
 
@@ -74,11 +73,12 @@ class SnapKVLayer(EvictionLayer):
         self.prefilled, self.window_scores = False, None
 
 
-class SnapKVCache(CompressedKVCache):
+class SnapKVCache(EvictionCache):
     """SnapKV cache: the prompt is compressed once to `budget` tokens per KV head, chosen by the observation window.
 
     Args:
-        config (`PreTrainedConfig`): the model config (switched to the `"hfe_kv"` attention, see `scoring.py`).
+        config (`PreTrainedConfig`): the model's own config (`model.config`); while the cache is filled its attention
+            calls are routed to `"hfe_kv"`, and the model's setting is left as it was (see `scoring.py`).
         budget (`int`, *optional*, defaults to 1024): prompt tokens kept per sequence and KV head.
         window (`int`, *optional*, defaults to 32): observation window, always kept.
         kernel (`int`, *optional*, defaults to 7): odd pooling width.
@@ -99,4 +99,3 @@ class SnapKVCache(CompressedKVCache):
         if kernel < 1 or kernel % 2 == 0:
             raise ValueError(f"kernel={kernel} must be a positive odd number (pooling keeps the length)")
         super().__init__(config, lambda: SnapKVLayer(budget, window, kernel))
-        use_compressed_attention(config, type(self).__name__)

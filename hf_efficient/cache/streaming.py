@@ -12,9 +12,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedConfig
 
-from .base import CompressedKVCache
-from .eviction import EvictionLayer
-from .scoring import use_compressed_attention
+from .eviction import EvictionCache, EvictionLayer
 
 __all__ = ["StreamingCache", "StreamingLayer"]
 
@@ -40,11 +38,12 @@ class StreamingLayer(EvictionLayer):
         return (valid & (valid.cumsum(dim=-1) <= self.sink_tokens)).float()  # 1 for the first real tokens
 
 
-class StreamingCache(CompressedKVCache):
+class StreamingCache(EvictionCache):
     """StreamingLLM cache: `sink_tokens` attention sinks plus a window of the `window` most recent tokens.
 
     Args:
-        config (`PreTrainedConfig`): the model config (switched to the `"hfe_kv"` attention, see `scoring.py`).
+        config (`PreTrainedConfig`): the model's own config (`model.config`); while the cache is filled its attention
+            calls are routed to `"hfe_kv"`, and the model's setting is left as it was (see `scoring.py`).
         sink_tokens (`int`, *optional*, defaults to 4): first tokens always kept.
         window (`int`, *optional*, defaults to 252): most recent tokens kept.
 
@@ -62,4 +61,3 @@ class StreamingCache(CompressedKVCache):
         if window < 1:
             raise ValueError(f"window={window} must be >= 1 (the budget is sink_tokens + window)")
         super().__init__(config, lambda: StreamingLayer(sink_tokens, window))
-        use_compressed_attention(config, type(self).__name__)

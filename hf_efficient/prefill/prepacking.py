@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..compat import DynamicCache
+from ..compat import CACHE_ARG, LEGACY_CACHE_ARG, DynamicCache, cache_kwarg, output_cache
 
 __all__ = ["PackedBatch", "first_fit_decreasing", "pack_prompts", "prepacked_generate", "prepacked_prefill"]
 
@@ -124,9 +124,9 @@ def prepacked_prefill(model: PreTrainedModel, prompts: Sequence[Sequence[int]]) 
         input_ids=packed.input_ids.to(device),
         position_ids=packed.position_ids.to(device),
         attention_mask=packed.attention_mask.to(device),
-        past_key_values=DynamicCache(),
         use_cache=True,
         logits_to_keep=1,  # the prefill logits are not used: each prompt's last token is decoded next
+        **cache_kwarg(DynamicCache()),
     )
     width = int(packed.length.max())
     slots = torch.arange(width)  # (W,)
@@ -135,7 +135,7 @@ def prepacked_prefill(model: PreTrainedModel, prompts: Sequence[Sequence[int]]) 
     filled = (slots[None, :] >= start[:, None]).to(device)  # (N, W)
     source, row = source.to(device), packed.row.to(device)
     cache = DynamicCache(config=model.config)
-    for layer_idx, layer in enumerate(out.past_key_values.layers):
+    for layer_idx, layer in enumerate(output_cache(out).layers):
         keys, values = layer.keys[row], layer.values[row]  # (N, H_kv, C, D): each prompt's packed row
         index = source[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])  # (N, H_kv, W, D)
         keep = filled[:, None, :, None]
@@ -174,8 +174,8 @@ def prepacked_generate(
     """
     if not prompts:
         raise ValueError("prompts is empty")
-    if "past_key_values" in generate_kwargs:
-        raise ValueError("prepacked_generate builds the cache itself; do not pass past_key_values")
+    if CACHE_ARG in generate_kwargs or LEGACY_CACHE_ARG in generate_kwargs:
+        raise ValueError("prepacked_generate builds the cache itself; do not pass a cache (cache= / past_key_values=)")
     if generate_kwargs.get("num_return_sequences", 1) != 1:
         raise ValueError("prepacked_generate returns one sequence per prompt; leave num_return_sequences at 1")
     ids = _token_ids(prompts, tokenizer)
@@ -195,7 +195,7 @@ def prepacked_generate(
     output = model.generate(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
-        past_key_values=cache,
+        **cache_kwarg(cache),
         **generate_kwargs,
     )
     sequences = output if isinstance(output, torch.Tensor) else output.sequences

@@ -13,7 +13,7 @@ from .draft_model import DraftModel
 from .engine import DecodingState, SpeculativeDecoder, SpeculativeStats
 from .token_recycling import TokenRecycling
 from .tree import DraftTree
-from .vocab_trim import token_counts, trim_drafter_vocab
+from .vocab_trim import load_drafter, token_counts, trim_drafter_vocab
 
 __all__ = [
     "AcceptanceHead",
@@ -23,6 +23,7 @@ __all__ = [
     "SpeculativeDecoder",
     "SpeculativeStats",
     "TokenRecycling",
+    "load_drafter",
     "token_counts",
     "trim_drafter_vocab",
 ]

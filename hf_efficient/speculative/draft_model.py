@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import GenerationConfig, PreTrainedModel
 
-from ..compat import DynamicCache
+from ..compat import DynamicCache, cache_kwarg
 from .acceptance_head import AcceptanceHead
 from .engine import DecodingState, SpeculativeDecoder
 from .kv import KVLayout
@@ -122,9 +122,9 @@ class DraftModel(SpeculativeDecoder):
             input_ids=state.sequences[:, :L],
             attention_mask=mask,
             position_ids=self._layout.positions,
-            past_key_values=self._cache,
             use_cache=True,
             logits_to_keep=1,
+            **cache_kwarg(self._cache),
         )
         self._fed = torch.full_like(state.lengths, L)  # (B,) tokens of each row already in the drafter cache
         if self.vocab_ids is not None:
@@ -241,9 +241,9 @@ class DraftModel(SpeculativeDecoder):
             input_ids=tokens,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=self._cache,
             use_cache=True,
             output_hidden_states=self.acceptance_head is not None,
+            **cache_kwarg(self._cache),
         )
         return out.logits, (out.hidden_states[-1] if self.acceptance_head is not None else None)
 

@@ -13,7 +13,6 @@ Subclasses implement `draft()` (and optionally `start()` / `observe()`); see `To
 from __future__ import annotations
 
 import abc
-import inspect
 import math
 from dataclasses import dataclass
 
@@ -39,14 +38,23 @@ from transformers import (
     TypicalLogitsWarper,
 )
 
-from ..compat import Cache, DynamicCache, GenerateDecoderOnlyOutput
+from ..compat import (
+    Cache,
+    DynamicCache,
+    GenerateDecoderOnlyOutput,
+    accepts_cache,
+    cache_kwarg,
+    either_cache,
+    generate_streamer,
+    output_cache,
+)
 from .acceptance import greedy_accept, sample_accept
 from .kv import KVLayout, compact_cache
 from .tree import DraftTree
 
 __all__ = ["DecodingState", "SpeculativeDecoder", "SpeculativeStats"]
 
-_TREE_ATTENTION = ("sdpa", "eager")  # implementations that honour an arbitrary 4-D float mask
+_TREE_ATTENTION = ("sdpa", "eager", "hfe_kv")  # implementations that honour an arbitrary 4-D float mask
 # logits processors that read neither `input_ids` nor its length: one call covers every tree node
 _PREFIX_FREE = (
     TemperatureLogitsWarper,
@@ -123,16 +131,15 @@ class SpeculativeDecoder(abc.ABC):
 
     An instance is a callable for `model.generate(**inputs, custom_generate=strategy, ...)`. It supports greedy
     and sampling (`do_sample=True` with the usual warpers), batches with left padding, `eos_token_id`,
-    `max_new_tokens` / `max_length` (never exceeded), other stopping criteria, `streamer` (batch 1) and
-    `return_dict_in_generate` with `output_scores` / `output_logits`. `.stats` describes the last call.
+    `max_new_tokens` / `max_length` (never exceeded), other stopping criteria, `streamer` (batch 1, fed exactly
+    what plain `generate` feeds it) and `return_dict_in_generate` with `output_scores` / `output_logits`. A cache
+    passed as `cache=` (transformers >= 5.24) or `past_key_values=` is used. `.stats` describes the last call.
 
     Greedy output equals plain greedy `generate` token for token up to floating-point reassociation: the tree
     forward computes the same logits as step-by-step decoding, exactly in exact arithmetic; in fp32 the
     differences (~1e-6) never flip an argmax in practice, in bf16 a logit can move by one bf16 ulp, which
     flips the argmax only where the two best logits of plain decoding are within that ulp.
     """
-
-    streamer = None  # transformers 5.23 does not pass `generate(streamer=...)` on to callables: set it here
 
     def __init__(self) -> None:
         self.stats = SpeculativeStats()
@@ -165,13 +172,10 @@ class SpeculativeDecoder(abc.ABC):
                 f"num_beams={generation_config.num_beams} is not supported by speculative decoding; use num_beams=1 "
                 "(greedy or do_sample=True), or drop custom_generate to run beam search."
             )
-        if (
-            generation_config.use_cache is False
-            or "past_key_values" not in inspect.signature(model.forward).parameters
-        ):
+        if generation_config.use_cache is False or not accepts_cache(model):
             raise ValueError(
                 f"{type(self).__name__} needs a model with a KV cache (use_cache=True and a forward that takes "
-                "past_key_values); without one, use plain generate."
+                "a cache); without one, use plain generate."
             )
         attn = getattr(config, "_attn_implementation", None) or "eager"
         if attn not in _TREE_ATTENTION:
@@ -207,10 +211,10 @@ class SpeculativeDecoder(abc.ABC):
         if synced_gpus:
             raise ValueError("synced_gpus=True is not supported by speculative decoding.")
         B, L = input_ids.shape
-        streamer = streamer if streamer is not None else self.streamer
+        streamer = streamer if streamer is not None else generate_streamer(self)  # see `compat.generate_streamer`
         if streamer is not None and B > 1:
             raise ValueError(f"streamer supports batch size 1, got {B} rows.")
-        cache = model_kwargs.get("past_key_values")
+        cache = either_cache(model_kwargs.get("cache"), model_kwargs.get("past_key_values"))
         if cache is None:
             cache = DynamicCache(config=model.config)
         self._check_cache(cache)
@@ -236,11 +240,11 @@ class SpeculativeDecoder(abc.ABC):
             input_ids=input_ids[:, past:],
             attention_mask=attention_mask,
             position_ids=position_ids[:, past:],
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=keep if wanted is not None else 1,
+            **cache_kwarg(cache),
         )
-        cache = out.past_key_values
+        cache = output_cache(out)
         window = self._check_cache(cache)
         cache.activate_past_recording()  # caches that drop tokens keep them until the next crop
         stats.steps = 1
@@ -276,8 +280,8 @@ class SpeculativeDecoder(abc.ABC):
                 input_ids=tree.tokens,
                 attention_mask=layout.tree_mask(tree.ancestors(), model.dtype),
                 position_ids=next_positions[:, None] + tree.depth,
-                past_key_values=cache,
                 use_cache=True,
+                **cache_kwarg(cache),
             ).logits  # (B, T, V)
             scores = self._process(processors, state, tree, node_logits)  # (B, T, V) float32
             accept = sample_accept if generation_config.do_sample else greedy_accept
@@ -318,7 +322,7 @@ class SpeculativeDecoder(abc.ABC):
             sequences=sequences,
             scores=tuple(_stack(step, 0) for step in steps) if want_scores else None,
             logits=tuple(_stack(step, 1) for step in steps) if want_logits else None,
-            past_key_values=cache,
+            **cache_kwarg(cache),
         )
 
     # ----- helpers --------------------------------------------------------------------------------------

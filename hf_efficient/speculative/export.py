@@ -15,6 +15,7 @@ from .acceptance_head import AcceptanceHead
 from .draft_model import DraftModel
 from .engine import SpeculativeDecoder
 from .token_recycling import TokenRecycling
+from .vocab_trim import load_drafter
 
 __all__ = ["load_strategy", "save_strategy"]
 
@@ -59,9 +60,7 @@ def load_strategy(folder: str | os.PathLike, device=None) -> SpeculativeDecoder:
             strategy.load(folder / "recycling.safetensors")
         return strategy
     if spec["class"] == "DraftModel":
-        from transformers import AutoModelForCausalLM
-
-        drafter = AutoModelForCausalLM.from_pretrained(folder / "drafter")
+        drafter = load_drafter(folder / "drafter")  # trimmed-vocabulary drafters too
         if device is not None:
             drafter = drafter.to(device)
         head_file = folder / "acceptance_head.safetensors"

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
+from ..compat import cache_kwarg
 from .engine import DecodingState, SpeculativeDecoder
 from .tree import DraftTree, acceptance_probabilities, tree_template
 
@@ -250,7 +251,7 @@ class TokenRecycling(SpeculativeDecoder):
             for _ in range(3):
                 _synchronize(device)
                 start = time.perf_counter()
-                model(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=state.cache)
+                model(input_ids=tokens, attention_mask=mask, position_ids=positions, **cache_kwarg(state.cache))
                 _synchronize(device)
                 times.append(time.perf_counter() - start)
                 state.cache.crop(-size)

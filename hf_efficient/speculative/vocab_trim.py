@@ -1,15 +1,22 @@
-"""VocabTrim: cut a drafter's LM head down to the target tokens that are actually generated."""
+"""VocabTrim: cut a drafter's LM head down to the target tokens that are actually generated.
+
+A trimmed drafter saves with plain `save_pretrained`; `load_drafter` loads it back (plain `from_pretrained` builds
+the architecture's full-vocabulary head and refuses the smaller one).
+"""
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["token_counts", "trim_drafter_vocab"]
+__all__ = ["load_drafter", "token_counts", "trim_drafter_vocab"]
 
 
 def token_counts(
@@ -51,7 +58,7 @@ def trim_drafter_vocab(
         tokenizer (`PreTrainedTokenizerBase`, *optional*): needed when counting raw texts.
     """
     head = drafter.get_output_embeddings()
-    vocab, hidden = head.weight.shape
+    vocab = head.weight.shape[0]
     if not 1 <= size <= vocab:
         raise ValueError(f"size={size} must be between 1 and the drafter's vocabulary size {vocab}")
     if getattr(drafter.config, "draft_vocab_ids", None) is not None:
@@ -73,7 +80,7 @@ def trim_drafter_vocab(
         for t in [token] if isinstance(token, int) else (token or []):
             counts[t] = float("inf")
     keep = counts.topk(size).indices.sort().values  # (size,) target ids, ascending
-    trimmed = nn.Linear(hidden, size, bias=head.bias is not None, device=head.weight.device, dtype=head.weight.dtype)
+    trimmed = _trimmed_head(head, size)
     with torch.no_grad():
         trimmed.weight.copy_(head.weight[keep.to(head.weight.device)])
         if head.bias is not None:
@@ -83,3 +90,47 @@ def trim_drafter_vocab(
     drafter.set_output_embeddings(trimmed)
     drafter.config.draft_vocab_ids = keep.tolist()
     return drafter
+
+
+def load_drafter(path: str | os.PathLike, **from_pretrained_kwargs) -> PreTrainedModel:
+    """Load a drafter written by `save_pretrained`, trimmed by `trim_drafter_vocab` or not.
+
+    An untrimmed drafter goes through `AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)`. A
+    trimmed one (its config lists `draft_vocab_ids`) is built from its config with an LM head of that many rows,
+    then every weight of the local checkpoint is loaded exactly (`strict`).
+
+    Args:
+        path (`str` or `os.PathLike`): the folder `save_pretrained` wrote.
+        from_pretrained_kwargs: `dtype`, `device_map`, ... for untrimmed drafters; a trimmed one takes `dtype`.
+
+    Example:
+
+    ```python
+    >>> trim_drafter_vocab(drafter, texts, 8192, tokenizer).save_pretrained("drafter-trimmed")
+    >>> strategy = DraftModel(load_drafter("drafter-trimmed"))
+    ```
+    """
+    config = AutoConfig.from_pretrained(path)
+    ids = getattr(config, "draft_vocab_ids", None)
+    if ids is None:
+        return AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
+    unsupported = set(from_pretrained_kwargs) - {"dtype"}
+    if unsupported:
+        raise ValueError(f"a trimmed drafter loads with `dtype=` only; got {sorted(unsupported)}")
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{path} holds no safetensors weights: save the trimmed drafter with `save_pretrained`")
+    model = AutoModelForCausalLM.from_config(config)
+    model.set_output_embeddings(_trimmed_head(model.get_output_embeddings(), len(ids)))
+    state = {name: tensor for file in files for name, tensor in load_file(os.fspath(file)).items()}
+    model.load_state_dict(state, strict=True)
+    dtype = from_pretrained_kwargs.get("dtype", getattr(config, "dtype", None))
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype  # configs store it as "bfloat16"
+    return (model.to(dtype) if isinstance(dtype, torch.dtype) else model).eval()
+
+
+def _trimmed_head(head: nn.Module, size: int) -> nn.Linear:
+    """A fresh `(size, E)` LM head shaped like `head` (bias, device, dtype)."""
+    return nn.Linear(
+        head.weight.shape[1], size, bias=head.bias is not None, device=head.weight.device, dtype=head.weight.dtype
+    )

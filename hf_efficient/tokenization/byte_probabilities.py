@@ -20,8 +20,9 @@ import bisect
 from collections.abc import Sequence
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..compat import DynamicCache, cache_kwarg
 from .vocabulary import plain_backend, token_bytes
 
 __all__ = ["ByteLevelEnsemble", "ByteLevelSampler"]
@@ -58,7 +59,7 @@ class _PrefixScorer:
             cumulative = self.cumulative[: keep + 1] or [0.0]
         self.cache.crop(keep - self.cache.get_seq_length())
         new = torch.tensor([ids[keep:]], device=self.model.device)  # (1, m)
-        logits = self.model(input_ids=new, past_key_values=self.cache, use_cache=True).logits[0]  # (m, V)
+        logits = self.model(input_ids=new, use_cache=True, **cache_kwarg(self.cache)).logits[0]  # (m, V)
         logp = torch.log_softmax(logits.float(), dim=-1)  # (m, V)
         self.tokens_run += new.shape[1]
         steps = logp[:-1].gather(1, new[0, 1:, None]).squeeze(1).tolist()  # log P(ids[i] | ids[:i]), i > keep

@@ -4,10 +4,13 @@ The backbone runs unchanged; only its attention implementation is swapped for `c
 (registered in `AttentionInterface` and, with the SDPA mask, in `AttentionMaskInterface`). A forward pre-hook on
 every backbone attention module feeds the layer's input to its Q/K adapter; the adapter outputs travel to the
 attention function through the cache (decoding) or the distillation state (training) passed as keyword arguments.
+A backbone handed to `from_backbone` is never altered: the wrapper holds its own module tree (own config, frozen
+parameters, hooks and attention setting) over the same weight storage (`share_weights`).
 When every query may read all its closed chunks, the attention function calls SDPA with the backbone's own
 arguments, so outputs are bit-identical to the backbone's.
 """
 
+import copy
 import inspect
 import os
 
@@ -20,6 +23,7 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .cache_argument import CACHE_ARG, LEGACY_CACHE_ARG, cache_kwarg, either_cache
 from .cache_chunkllm import ChunkLLMCache, DecodeSelection
 from .configuration_chunkllm import ChunkLLMConfig
 
@@ -282,6 +286,19 @@ def _hook_attention_inputs(backbone: PreTrainedModel) -> None:
             layer.self_attn._chunkllm_hooked = True
 
 
+def share_weights(module: nn.Module) -> nn.Module:
+    """A copy of `module`'s tree (submodules, config, hooks) over the same weight storage, with parameters of its own
+    that are frozen: freezing, hooking or switching the attention of the copy leaves `module` as it was, and no
+    weight is duplicated. Quantized parameters (a `Parameter` subclass, already frozen) are shared as they are."""
+    memo: dict[int, object] = {}
+    for parameter in module.parameters():
+        shared = type(parameter) is not nn.Parameter
+        memo[id(parameter)] = parameter if shared else nn.Parameter(parameter.detach(), requires_grad=False)
+    for buffer in module.buffers():
+        memo[id(buffer)] = buffer
+    return copy.deepcopy(module, memo)
+
+
 def check_backbone(backbone: PreTrainedModel) -> None:
     """`ValueError` unless `backbone` is a decoder with rotary attention, a KV cache and the v5 attention interface."""
     config, name = backbone.config, type(backbone).__name__
@@ -290,10 +307,11 @@ def check_backbone(backbone: PreTrainedModel) -> None:
             f"ChunkLLM needs a decoder with rotary attention (Llama, Qwen2, Mistral families); {name} "
             f"(model_type={config.model_type!r}) has no rotary embedding."
         )
-    if "past_key_values" not in inspect.signature(backbone.forward).parameters:
+    parameters = inspect.signature(backbone.forward).parameters
+    if CACHE_ARG not in parameters and LEGACY_CACHE_ARG not in parameters:
         raise ValueError(
             f"ChunkLLM needs a backbone with a KV cache; {name} (model_type={config.model_type!r}) takes no "
-            "`past_key_values` (encoders cannot be used)."
+            f"`{CACHE_ARG}` (encoders cannot be used)."
         )
     layers = getattr(backbone.base_model, "layers", None)
     attentions = [getattr(layer, "self_attn", None) for layer in layers or []]
@@ -370,6 +388,10 @@ class ChunkLLMForCausalLM(ChunkLLMPreTrainedModel, GenerationMixin):
         r"""
         Wrap a causal LM (or load one) with fresh ChunkLLM adapters; the backbone is frozen.
 
+        A model passed in is left as it was (its config, attention implementation, `requires_grad` flags and modules):
+        the wrapper runs a copy of its module tree over the same weight storage (`share_weights`), so plain and
+        speculative generation on the original keep working, and no weight is duplicated.
+
         Args:
             backbone_or_path (`PreTrainedModel` or `str`): the backbone, or where `AutoModelForCausalLM` loads it.
             top_k_chunks (`int`, *optional*, defaults to 8): older closed chunks selected per KV head.
@@ -382,7 +404,7 @@ class ChunkLLMForCausalLM(ChunkLLMPreTrainedModel, GenerationMixin):
             backbone = AutoModelForCausalLM.from_pretrained(backbone_or_path, **(backbone_kwargs or {}))
             name_or_path = str(backbone_or_path)
         else:
-            backbone, name_or_path = backbone_or_path, backbone_or_path.config._name_or_path or None
+            backbone, name_or_path = share_weights(backbone_or_path), backbone_or_path.config._name_or_path or None
         check_backbone(backbone)
         backbone_config = backbone.config.to_dict()
         backbone_config.pop("quantization_config", None)  # the saved wrapper holds plain weights
@@ -397,7 +419,7 @@ class ChunkLLMForCausalLM(ChunkLLMPreTrainedModel, GenerationMixin):
             **config_kwargs,
         )
         model = cls(config, backbone=backbone)
-        model.generation_config = backbone.generation_config
+        model.generation_config = copy.deepcopy(backbone.generation_config)
         device = backbone.get_input_embeddings().weight.device
         model.boundary_adapter.to(device)  # only the adapters move: a quantized backbone refuses `.to`
         model.qk_adapters.to(device)
@@ -421,8 +443,8 @@ class ChunkLLMForCausalLM(ChunkLLMPreTrainedModel, GenerationMixin):
         return self.boundary_adapter(self.get_input_embeddings()(input_ids)).sigmoid()
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
-            model_kwargs["past_key_values"] = self.new_cache()
+        if model_kwargs.get(CACHE_ARG) is None and generation_config.use_cache is not False:
+            model_kwargs[CACHE_ARG] = self.new_cache()
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
     def forward(
@@ -430,19 +452,21 @@ class ChunkLLMForCausalLM(ChunkLLMPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: ChunkLLMCache | None = None,
+        cache: ChunkLLMCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         boundary_labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        past_key_values: ChunkLLMCache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `(B, L)`): token ids (or `inputs_embeds` of shape `(B, L, E)`).
             attention_mask (`torch.Tensor` of shape `(B, past + L)`, *optional*): 1 for real tokens (left padding).
-            past_key_values (`ChunkLLMCache`, *optional*): created when absent (see `new_cache`).
+            cache (`ChunkLLMCache`, *optional*): created when absent (see `new_cache`); `past_key_values` is its
+                name before transformers 5.24 (either works).
             labels (`torch.LongTensor` of shape `(B, L)`, *optional*): next-token targets for the LM loss.
             boundary_labels (`torch.Tensor` of shape `(B, L)`, *optional*): training mode. 1 where a token closes a
                 chunk (rule labels); the loss is then the attention-distillation KL of the Q/K adapters plus
@@ -454,14 +478,12 @@ class ChunkLLMForCausalLM(ChunkLLMPreTrainedModel, GenerationMixin):
         boundary_logits = self.boundary_adapter(inputs_embeds)  # (B, L)
         if boundary_labels is not None:
             return self._distillation_forward(inputs_embeds, boundary_logits, boundary_labels, **kwargs)
-        if past_key_values is None:
-            past_key_values = self.new_cache()
-        elif not isinstance(past_key_values, ChunkLLMCache):
-            raise ValueError(
-                f"past_key_values={type(past_key_values).__name__} is not a ChunkLLMCache; pass None or "
-                "`model.new_cache()`."
-            )
-        cache, length = past_key_values, inputs_embeds.shape[1]
+        cache = either_cache(cache, past_key_values)
+        if cache is None:
+            cache = self.new_cache()
+        elif not isinstance(cache, ChunkLLMCache):
+            raise ValueError(f"cache={type(cache).__name__} is not a ChunkLLMCache; pass None or `model.new_cache()`.")
+        length = inputs_embeds.shape[1]
         real = torch.ones_like(boundary_logits, dtype=torch.bool)
         if attention_mask is not None:
             real = attention_mask[:, -length:].bool()
@@ -476,11 +498,11 @@ class ChunkLLMForCausalLM(ChunkLLMPreTrainedModel, GenerationMixin):
                 inputs_embeds=inputs_embeds[:, start:end],
                 attention_mask=mask,
                 position_ids=None if position_ids is None else position_ids[:, start:end],
-                past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=logits_to_keep if end == length or logits_to_keep == 0 else 1,
                 chunkllm_cache=cache,
                 chunkllm_adapters=self.qk_adapters,
+                **cache_kwarg(cache),
                 **kwargs,
             )
             if end == length or logits_to_keep == 0:
@@ -492,7 +514,7 @@ class ChunkLLMForCausalLM(ChunkLLMPreTrainedModel, GenerationMixin):
         if labels is not None:
             shifted = labels[:, 1:].reshape(-1).to(logits.device)
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted, ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **cache_kwarg(cache if use_cache else None))
 
     def _distillation_forward(
         self, inputs_embeds: torch.Tensor, boundary_logits: torch.Tensor, boundary_labels: torch.Tensor, **kwargs

@@ -74,7 +74,7 @@ class HATConfig(PreTrainedConfig):
     """
 
     model_type = "hfe_hat"
-    keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values"]
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["cache", "past_key_values"]  # the name before and after 5.24
 
     def __init__(
         self,

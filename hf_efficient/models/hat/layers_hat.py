@@ -16,6 +16,7 @@ from transformers.models.llama.modeling_llama import (
     eager_attention_forward,
 )
 
+from .cache_argument import cache_kwarg
 from .cache_slots import KVSlots, put_rows, take_rows
 from .configuration_hat import HATConfig
 
@@ -109,7 +110,7 @@ class HATStack(nn.Module):
             if interleave is not None:
                 x = interleave(i, x)
             kv = cache.kv.layer_cache(i, rows, flat, size) if cache is not None else None
-            x = layer(x, attention_mask=bias, position_embeddings=rope, past_key_values=kv)
+            x = layer(x, attention_mask=bias, position_embeddings=rope, **cache_kwarg(kv))
         if cache is not None:
             cache.count = put_rows(cache.count, rows, count + valid.sum(1))
         return self.norm(x)

@@ -23,6 +23,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+from .cache_argument import cache_kwarg, either_cache
 from .cache_hat import HATCache, HATState
 from .cache_slots import filled_positions, put_rows, take_rows
 from .configuration_hat import HATConfig
@@ -117,10 +118,11 @@ class HATForCausalLM(HATPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        past_key_values: HATCache | None = None,
+        cache: HATCache | None = None,
         use_cache: bool | None = None,
         output_boundaries: bool = False,
         logits_to_keep: int = 0,
+        past_key_values: HATCache | None = None,
         **kwargs,
     ) -> HATCausalLMOutput:
         r"""
@@ -128,18 +130,20 @@ class HATForCausalLM(HATPreTrainedModel, GenerationMixin):
         attention_mask (`torch.Tensor` of shape `(B, L)` or `(B, past + L)`, *optional*): 1 for bytes, 0 for
             (left) padding; the last `L` columns are used.
         labels (`torch.LongTensor` of shape `(B, L)`, *optional*): targets, shifted inside; -100 is ignored.
-        past_key_values (`HATCache`, *optional*): created when `use_cache=True` and none is given.
+        cache (`HATCache`, *optional*): created when `use_cache=True` and none is given.
         output_boundaries (`bool`, *optional*, defaults to `False`): return the word-start mask.
         logits_to_keep (`int`, *optional*, defaults to 0): logits for the last n positions only (0 = all).
+        past_key_values (`HATCache`, *optional*): the name of `cache` before transformers 5.24 (either works).
         kwargs: `num_items_in_batch` (from `Trainer`) normalises the summed loss for gradient accumulation.
         """
-        if past_key_values is not None and not isinstance(past_key_values, HATCache):
-            if past_key_values.get_seq_length() > 0:
-                raise ValueError(f"HAT needs a HATCache, got a non-empty {type(past_key_values).__name__}")
-            past_key_values = None
-        if use_cache and past_key_values is None:
-            past_key_values = HATCache()
-        cache = past_key_values if use_cache is not False else None
+        cache = either_cache(cache, past_key_values)
+        if cache is not None and not isinstance(cache, HATCache):
+            if cache.get_seq_length() > 0:
+                raise ValueError(f"HAT needs a HATCache, got a non-empty {type(cache).__name__}")
+            cache = None
+        if use_cache and cache is None:
+            cache = HATCache()
+        cache = cache if use_cache is not False else None
         length = input_ids.shape[1]
         valid = attention_mask[:, -length:].bool() if attention_mask is not None else torch.ones_like(input_ids).bool()
         hidden, starts = self._hierarchy(input_ids, valid, cache)
@@ -156,7 +160,7 @@ class HATForCausalLM(HATPreTrainedModel, GenerationMixin):
         return HATCausalLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=cache,
+            **cache_kwarg(cache),
             word_starts=starts if output_boundaries else None,
             compression=(float(valid.sum().clamp(min=1) / starts.sum().clamp(min=1)),),
         )

@@ -105,7 +105,7 @@ class HNetConfig(PreTrainedConfig):
     """
 
     model_type = "hfe_hnet"
-    keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values"]
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["cache", "past_key_values"]  # the name before and after 5.24
 
     def __init__(
         self,

@@ -13,6 +13,7 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 
+from .cache_argument import cache_kwarg
 from .cache_slots import KVSlots, put_rows, take_rows
 from .configuration_hnet import HNetConfig
 
@@ -214,7 +215,7 @@ class HNetStack(nn.Module):
                     cache.states[i] = tuple(put_rows(s, rows, n) for s, n in zip(cache.states[i], new_state))
                 continue
             kv = cache.kv.layer_cache(cache.attention_layer[i], rows, flat, size) if cache is not None else None
-            x = block(x, attention_mask=bias, position_embeddings=rope, past_key_values=kv)
+            x = block(x, attention_mask=bias, position_embeddings=rope, **cache_kwarg(kv))
         if cache is not None:
             cache.count = put_rows(cache.count, rows, count + valid.sum(1))
         return self.norm(x)

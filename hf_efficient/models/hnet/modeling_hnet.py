@@ -20,6 +20,7 @@ from transformers import GenerationMixin, LlamaConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .cache_argument import cache_kwarg, either_cache
 from .cache_hnet import HNetCache, HNetStageCache
 from .cache_slots import put_rows, take_rows
 from .configuration_hnet import HNetConfig
@@ -252,10 +253,11 @@ class HNetForCausalLM(HNetPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        past_key_values: HNetCache | None = None,
+        cache: HNetCache | None = None,
         use_cache: bool | None = None,
         output_boundaries: bool = False,
         logits_to_keep: int = 0,
+        past_key_values: HNetCache | None = None,
         **kwargs,
     ) -> HNetCausalLMOutput:
         r"""
@@ -263,20 +265,23 @@ class HNetForCausalLM(HNetPreTrainedModel, GenerationMixin):
         attention_mask (`torch.Tensor` of shape `(B, L)` or `(B, past + L)`, *optional*): 1 for bytes, 0 for padding
             (left padding for prompts); the last `L` columns are used.
         labels (`torch.LongTensor` of shape `(B, L)`, *optional*): targets, shifted inside; -100 is ignored.
-        past_key_values (`HNetCache`, *optional*): created when `use_cache=True` and none is given.
+        cache (`HNetCache`, *optional*): created when `use_cache=True` and none is given.
         output_boundaries (`bool`, *optional*, defaults to `False`): return per-stage boundary masks.
         logits_to_keep (`int`, *optional*, defaults to 0): compute logits for the last n positions only (0 = all).
+        past_key_values (`HNetCache`, *optional*): the name of `cache` before transformers 5.24 (either works).
         kwargs: `num_items_in_batch` (from `Trainer`) normalises the summed LM loss for gradient accumulation.
         """
-        if past_key_values is not None and not isinstance(past_key_values, HNetCache):
-            if past_key_values.get_seq_length() > 0:
-                raise ValueError(f"H-Net needs an HNetCache, got a non-empty {type(past_key_values).__name__}")
-            past_key_values = None
-        if use_cache and past_key_values is None:
-            past_key_values = HNetCache()
+        cache = either_cache(cache, past_key_values)
+        if cache is not None and not isinstance(cache, HNetCache):
+            if cache.get_seq_length() > 0:
+                raise ValueError(f"H-Net needs an HNetCache, got a non-empty {type(cache).__name__}")
+            cache = None
+        if use_cache and cache is None:
+            cache = HNetCache()
+        cache = cache if use_cache is not False else None
         length = input_ids.shape[1]
         valid = attention_mask[:, -length:].bool() if attention_mask is not None else torch.ones_like(input_ids).bool()
-        hidden, routing = self.model(input_ids, valid, past_key_values if use_cache is not False else None)
+        hidden, routing = self.model(input_ids, valid, cache)
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden).float()  # (B, L, V)
 
         loss = lm_loss = aux = None
@@ -300,7 +305,7 @@ class HNetForCausalLM(HNetPreTrainedModel, GenerationMixin):
         return HNetCausalLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=past_key_values if use_cache is not False else None,
+            **cache_kwarg(cache),
             lm_loss=lm_loss,
             ratio_loss=aux if routing else None,
             compression=compression,
