@@ -19,12 +19,20 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from .models.cache_argument import CACHE_ARG, LEGACY_CACHE_ARG, cache_kwarg, either_cache, output_cache
+from .models.cache_argument import (
+    CACHE_ARG,
+    CACHE_ARG_SPELLINGS,
+    LEGACY_CACHE_ARG,
+    cache_kwarg,
+    either_cache,
+    output_cache,
+)
 
 __all__ = [
     "ALL_ATTENTION_FUNCTIONS",
     "ALL_MASK_ATTENTION_FUNCTIONS",
     "CACHE_ARG",
+    "CACHE_ARG_SPELLINGS",
     "LEGACY_CACHE_ARG",
     "AttentionInterface",
     "AttentionMaskInterface",
@@ -47,7 +55,7 @@ __all__ = [
 def accepts_cache(model) -> bool:
     """Whether `model.forward` takes a KV cache (under either name)."""
     parameters = inspect.signature(model.forward).parameters
-    return CACHE_ARG in parameters or LEGACY_CACHE_ARG in parameters
+    return any(name in parameters for name in CACHE_ARG_SPELLINGS)
 
 
 def generate_streamer(strategy):

@@ -229,7 +229,8 @@ class HypernetTrainer(Trainer):
             self.base_model.to(device)
         if self.state.global_step < self.identity_steps:
             ids = torch.randint(0, hypernet.config.source_vocab_size, (self.identity_batch,), device=device)
-            loss = hypernet.identity_loss(ids)
+            # the forward runs through `model` (the DDP wrapper under several processes), so gradients are synchronised
+            loss = hypernet.identity_loss(ids, model(ids[:, None]))
             return (loss, {}) if return_outputs else loss
         pred = model(inputs["surface_ids"])
         shared = inputs["shared_base_ids"]  # (n,) base id or -1

@@ -27,23 +27,26 @@ from hf_efficient.speculative import (
 )
 from hf_efficient.speculative.tree import DraftTree, expected_accepted, tree_template
 
+# Mistral's sliding window (16) is shorter than the matrix's sequences (10 prompt + 24 new tokens): sliding layers
+# are reached, in the target and in the drafters
+WINDOW = {"mistral": {"sliding_window": 16}}
+
+
+def _small(target, arch, **overrides):
+    """A one-layer drafter of `arch` in the target's dtype (and sliding window)."""
+    return tiny_causal_lm(arch, seed=1, num_hidden_layers=1, dtype=target.dtype, **WINDOW.get(arch, {}), **overrides)
+
+
 DRAFTERS = {
     "recycling": lambda target, arch: TokenRecycling(topk=4, tree=12),
-    "draft-tree": lambda target, arch: DraftModel(
-        tiny_causal_lm(arch, seed=1, num_hidden_layers=1, dtype=target.dtype)
-    ),
-    "draft-chain": lambda target, arch: DraftModel(
-        tiny_causal_lm(arch, seed=1, num_hidden_layers=1, dtype=target.dtype), chain=True, stop_threshold=None
-    ),
+    "draft-tree": lambda target, arch: DraftModel(_small(target, arch)),
+    "draft-chain": lambda target, arch: DraftModel(_small(target, arch), chain=True, stop_threshold=None),
     "self-draft": lambda target, arch: DraftModel(target, max_depth=4, stop_threshold=None),
+    "self-chain": lambda target, arch: DraftModel(target, chain=True, max_depth=4, stop_threshold=None),
     "head": lambda target, arch: DraftModel(
-        tiny_causal_lm(arch, seed=1, num_hidden_layers=1, dtype=target.dtype),
-        acceptance_head=AcceptanceHead(32, num_layers=1).to(target.dtype),
-        stop_threshold=0.5,
+        _small(target, arch), acceptance_head=AcceptanceHead(32, num_layers=1).to(target.dtype), stop_threshold=0.5
     ),
-    "trimmed": lambda target, arch: DraftModel(
-        trim_drafter_vocab(tiny_causal_lm(arch, seed=1, num_hidden_layers=1, dtype=target.dtype), torch.arange(96), 48)
-    ),
+    "trimmed": lambda target, arch: DraftModel(trim_drafter_vocab(_small(target, arch), torch.arange(96), 48)),
 }
 
 
@@ -62,9 +65,9 @@ def _prompts(batch: int, length: int = 10, seed: int = 0) -> dict[str, torch.Ten
     "drafter, arch, dtype, batch",
     [
         *itertools.product(["recycling", "draft-tree"], ARCHITECTURES, [torch.float32, torch.bfloat16], [1, 3]),
-        *[(d, "llama", torch.float32, 3) for d in ("draft-chain", "self-draft", "head", "trimmed")],
-        *[(d, "qwen2", torch.bfloat16, 1) for d in ("draft-chain", "self-draft", "head", "trimmed")],
-        *[(d, "mistral", torch.float32, 3) for d in ("draft-chain", "head", "trimmed")],
+        *[(d, "llama", torch.float32, 3) for d in ("draft-chain", "self-draft", "self-chain", "head", "trimmed")],
+        *[(d, "qwen2", torch.bfloat16, 1) for d in ("draft-chain", "self-draft", "self-chain", "head", "trimmed")],
+        *[(d, "mistral", torch.float32, 3) for d in ("draft-chain", "self-draft", "self-chain", "head", "trimmed")],
     ],
 )
 def test_greedy_equals_plain_generate(drafter, arch, dtype, batch):
@@ -75,7 +78,7 @@ def test_greedy_equals_plain_generate(drafter, arch, dtype, batch):
     decoding's two best logits are within that ulp. This test asserts exactly that: equality everywhere, or
     equality up to a position where plain decoding had such a tie (and our token is one of the tied ones).
     """
-    target = tiny_causal_lm(arch, dtype=dtype)
+    target = tiny_causal_lm(arch, dtype=dtype, **WINDOW.get(arch, {}))
     strategy = DRAFTERS[drafter](target, arch)
     inputs = _prompts(batch)
     prompt_len = inputs["input_ids"].shape[1]
@@ -85,6 +88,12 @@ def test_greedy_equals_plain_generate(drafter, arch, dtype, batch):
         )
         out = target.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, custom_generate=strategy)
         assert out.shape == expected.sequences.shape
+        assert strategy.stats.draft_tokens > 0  # drafts were verified: this is not plain decoding
+        if drafter == "self-chain" and dtype == torch.float32 and max_new_tokens == 24:
+            # the target drafting its own argmax chain must have every draft accepted: 1 token from the prefill,
+            # then max_depth + 1 = 5 per forward, so every row finishes in 1 + ceil(23 / 5) = 6 forwards
+            finished_early = (expected.sequences[:, prompt_len:] == target.config.eos_token_id).any()
+            assert strategy.stats.steps == 6 or (finished_early and strategy.stats.steps < 6), strategy.stats
         if dtype == torch.float32 or torch.equal(out, expected.sequences):
             assert torch.equal(out, expected.sequences), f"{drafter} {arch} batch={batch}:\n{out}\n{expected}"
             continue

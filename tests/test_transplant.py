@@ -38,7 +38,8 @@ def old_tokenizer():
 
 def _shared_and_new(old, new):
     old_vocab = old.get_vocab()
-    shared = {i: old_vocab[t] for t, i in new.get_vocab().items() if t in old_vocab}
+    # ordered by new id: `get_vocab()` iterates in an order that changes from process to process
+    shared = dict(sorted((i, old_vocab[t]) for t, i in new.get_vocab().items() if t in old_vocab))
     fresh = [i for i in range(len(new)) if i not in shared]
     return shared, fresh
 

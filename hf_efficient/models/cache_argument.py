@@ -16,9 +16,10 @@ from typing import Any
 
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-__all__ = ["CACHE_ARG", "LEGACY_CACHE_ARG", "cache_kwarg", "either_cache", "output_cache"]
+__all__ = ["CACHE_ARG", "CACHE_ARG_SPELLINGS", "LEGACY_CACHE_ARG", "cache_kwarg", "either_cache", "output_cache"]
 
 LEGACY_CACHE_ARG = "past_key_values"
+CACHE_ARG_SPELLINGS = ("cache", LEGACY_CACHE_ARG)  # what callers may pass, whatever the installed release
 # the name this release's forwards, `generate` and model outputs use
 CACHE_ARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else LEGACY_CACHE_ARG
 

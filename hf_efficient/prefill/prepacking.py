@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..compat import CACHE_ARG, LEGACY_CACHE_ARG, DynamicCache, cache_kwarg, output_cache
+from ..compat import CACHE_ARG_SPELLINGS, DynamicCache, cache_kwarg, output_cache
 
 __all__ = ["PackedBatch", "first_fit_decreasing", "pack_prompts", "prepacked_generate", "prepacked_prefill"]
 
@@ -174,7 +174,7 @@ def prepacked_generate(
     """
     if not prompts:
         raise ValueError("prompts is empty")
-    if CACHE_ARG in generate_kwargs or LEGACY_CACHE_ARG in generate_kwargs:
+    if any(name in generate_kwargs for name in CACHE_ARG_SPELLINGS):
         raise ValueError("prepacked_generate builds the cache itself; do not pass a cache (cache= / past_key_values=)")
     if generate_kwargs.get("num_return_sequences", 1) != 1:
         raise ValueError("prepacked_generate returns one sequence per prompt; leave num_return_sequences at 1")

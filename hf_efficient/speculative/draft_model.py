@@ -8,7 +8,7 @@ from transformers import GenerationConfig, PreTrainedModel
 from ..compat import DynamicCache, cache_kwarg
 from .acceptance_head import AcceptanceHead
 from .engine import DecodingState, SpeculativeDecoder
-from .kv import KVLayout
+from .kv import KVLayout, full_history_cache, tree_attention_mask
 from .tree import DraftTree
 
 __all__ = ["DraftModel"]
@@ -115,7 +115,7 @@ class DraftModel(SpeculativeDecoder):
     def start(self, model: PreTrainedModel, state: DecodingState) -> None:
         """Prefill the drafter's own cache with the prompt (the first new token is drafted from next)."""
         L = state.layout.length
-        self._cache = DynamicCache(config=self.drafter.config)
+        self._cache = full_history_cache(DynamicCache(config=self.drafter.config))  # windows go in the masks
         self._layout = KVLayout(state.layout.valid[:, :L], state.layout.positions[:, :L])
         mask = None if bool(self._layout.valid.all()) else self._layout.valid.long()
         self.drafter(
@@ -141,7 +141,7 @@ class DraftModel(SpeculativeDecoder):
         valid = cols[None] < pending[:, None]  # (B, C)
         causal = torch.ones(C, C, dtype=torch.bool, device=device).tril() & valid[:, None, :]  # (B, C, C)
         positions = self._layout.next_positions()[:, None] + cols
-        logits, hidden = self._forward(tokens, self._layout.tree_mask(causal, self.drafter.dtype), positions)
+        logits, hidden = self._forward(tokens, self._mask(causal, positions), positions)
         self._layout.append(valid, positions)
         self._fed = state.lengths.clone()
         last = (pending - 1).clamp(min=0)
@@ -212,11 +212,8 @@ class DraftModel(SpeculativeDecoder):
                 dim=-1,
             )  # (B, f', n_fwd + f')
             front_tokens = torch.cat(node_tokens, 1).gather(1, frontier)
-            logits, hidden = self._forward(
-                front_tokens,
-                self._layout.tree_mask(visible, self.drafter.dtype),
-                (root_position + depth)[:, None].expand_as(frontier),
-            )
+            front_positions = (root_position + depth)[:, None].expand_as(frontier)  # (B, f')
+            logits, hidden = self._forward(front_tokens, self._mask(visible, front_positions), front_positions)
             forwarded = torch.cat([forwarded, frontier], 1)
             front_logits, front_hidden = logits, hidden
         self._cache.crop(-forwarded.shape[1])  # the drafter cache keeps committed tokens only
@@ -236,6 +233,11 @@ class DraftModel(SpeculativeDecoder):
         self.calibration_hits.view(-1).index_add_(0, cell[hit], torch.ones(int(hit.sum())))
 
     # ----- internals ------------------------------------------------------------------------------------
+    def _mask(self, ancestors: torch.BoolTensor, positions: torch.LongTensor):
+        """The drafter's attention mask for new tokens at `positions` `(B, n)` seeing `ancestors` `(B, n, N)`."""
+        config, dtype = self.drafter.config, self.drafter.dtype
+        return tree_attention_mask(config, self._layout, ancestors, positions, dtype)
+
     def _forward(self, tokens, mask, positions) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = self.drafter(
             input_ids=tokens,

@@ -49,7 +49,7 @@ from ..compat import (
     output_cache,
 )
 from .acceptance import greedy_accept, sample_accept
-from .kv import KVLayout, compact_cache
+from .kv import KVLayout, compact_cache, full_history_cache, tree_attention_mask
 from .tree import DraftTree
 
 __all__ = ["DecodingState", "SpeculativeDecoder", "SpeculativeStats"]
@@ -217,6 +217,7 @@ class SpeculativeDecoder(abc.ABC):
         cache = either_cache(model_kwargs.get("cache"), model_kwargs.get("past_key_values"))
         if cache is None:
             cache = DynamicCache(config=model.config)
+        cache = full_history_cache(cache)  # sliding windows are then expressed in the tree masks
         self._check_cache(cache)
         self.stats = stats = SpeculativeStats()
         eos = torch.tensor(_as_list(generation_config.eos_token_id), dtype=torch.long, device=input_ids.device)
@@ -274,12 +275,18 @@ class SpeculativeDecoder(abc.ABC):
             tree = self.draft(model, state)
             T = tree.size
             if window is not None and layout.length + T >= window:
-                raise ValueError(f"the sequence reached the sliding window ({window}); lower max_new_tokens.")
+                raise ValueError(
+                    f"the sequence reached the sliding window ({window}) of the cache passed in; lower "
+                    "max_new_tokens, or let generate create the cache (speculative decoding then keeps every token)."
+                )
             next_positions = layout.next_positions()  # (B,)
+            node_positions = next_positions[:, None] + tree.depth  # (B, T)
             node_logits = model(
                 input_ids=tree.tokens,
-                attention_mask=layout.tree_mask(tree.ancestors(), model.dtype),
-                position_ids=next_positions[:, None] + tree.depth,
+                attention_mask=tree_attention_mask(
+                    model.config, layout, tree.ancestors(), node_positions, model.dtype
+                ),
+                position_ids=node_positions,
                 use_cache=True,
                 **cache_kwarg(cache),
             ).logits  # (B, T, V)
@@ -327,8 +334,9 @@ class SpeculativeDecoder(abc.ABC):
 
     # ----- helpers --------------------------------------------------------------------------------------
     def _check_cache(self, cache) -> int | None:
-        """Refuse caches that cannot roll back; return the smallest sliding window (tree verification treats a
-        sliding layer as full attention, which is exact while the sequence stays inside the window)."""
+        """Refuse caches that cannot roll back; return the smallest window of the sliding layers left in the cache
+        (the default `DynamicCache` has none: `full_history_cache`). Such a layer drops columns that tree masks
+        still address, so verification over it is exact only while the sequence stays inside the window."""
         if not getattr(cache, "is_croppable", False):
             raise ValueError(
                 f"{type(cache).__name__} declares is_croppable=False: it cannot roll back rejected draft tokens, "

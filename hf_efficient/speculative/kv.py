@@ -9,10 +9,11 @@ whether the column holds a real token and at which position, and builds the 4-D 
 from __future__ import annotations
 
 import torch
+from transformers import PreTrainedConfig
 
-from ..compat import Cache
+from ..compat import Cache, DynamicCache
 
-__all__ = ["KVLayout", "compact_cache"]
+__all__ = ["KVLayout", "compact_cache", "full_history_cache", "sliding_window_of", "tree_attention_mask"]
 
 
 class KVLayout:
@@ -47,7 +48,13 @@ class KVLayout:
         """`(B,)` position of the next token of every row."""
         return (self.positions.masked_fill(~self.valid, -1).amax(-1) + 1).clamp(min=0)
 
-    def tree_mask(self, ancestors: torch.BoolTensor, dtype: torch.dtype) -> torch.Tensor:
+    def tree_mask(
+        self,
+        ancestors: torch.BoolTensor,
+        dtype: torch.dtype,
+        window: int | None = None,
+        node_positions: torch.LongTensor | None = None,
+    ) -> torch.Tensor:
         """The additive 4-D mask for a forward of `T` new tokens after the recorded columns.
 
         Args:
@@ -55,12 +62,18 @@ class KVLayout:
                 ones each new token may see: the new tokens themselves (`N = T`; itself and its ancestors for a
                 tree, a lower triangle for a chain), possibly preceded by unrecorded columns (drafter trees).
             dtype (`torch.dtype`): the model dtype (eager attention adds the mask to the scores).
+            window (`int`, *optional*): a sliding window: a token at position `p` sees recorded columns at
+                positions `> p - window` only (HF's sliding layers; the new columns are always inside it).
+            node_positions (`torch.LongTensor` of shape `(B, T)`, *optional*): positions of the new tokens (with
+                `window`).
 
         Returns:
             `torch.Tensor` of shape `(B, 1, T, K + N)`: 0 where attention is allowed, the dtype's minimum elsewhere.
         """
         B, T, _ = ancestors.shape
         past = self.valid[:, None, :].expand(B, T, self.length)  # (B, T, K)
+        if window is not None:
+            past = past & (self.positions[:, None, :] > node_positions[:, :, None] - window)  # (B, T, K)
         allowed = torch.cat([past, ancestors], dim=-1)[:, None]  # (B, 1, T, K + T)
         mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
         return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
@@ -69,6 +82,53 @@ class KVLayout:
         """Record `A` new columns: `valid` and `positions` of shape `(B, A)`."""
         self.valid = torch.cat([self.valid, valid.bool()], dim=1)
         self.positions = torch.cat([self.positions, positions.long()], dim=1)
+
+
+def sliding_window_of(config: PreTrainedConfig) -> int | None:
+    """The sliding window of a decoder's sliding layers (`None` when every layer attends to the full history)."""
+    config = config.get_text_config(decoder=True)
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    return window
+
+
+def tree_attention_mask(
+    config: PreTrainedConfig,
+    layout: KVLayout,
+    ancestors: torch.BoolTensor,
+    node_positions: torch.LongTensor,
+    dtype: torch.dtype,
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The `attention_mask` of a tree forward for a model of `config` (shapes as in `KVLayout.tree_mask`).
+
+    Full-attention models get one 4-D mask. Models with sliding layers get it windowed by position (every layer
+    sliding, e.g. Mistral), or one mask per layer type (sliding and full layers mixed, e.g. Gemma 3, whose forward
+    takes a `{layer type: mask}` mapping). The cache must then hold the full history (`full_history_cache`).
+    """
+    full = layout.tree_mask(ancestors, dtype)
+    window = sliding_window_of(config)
+    if window is None:
+        return full
+    windowed = layout.tree_mask(ancestors, dtype, window=window, node_positions=node_positions)
+    layer_types = getattr(config.get_text_config(decoder=True), "layer_types", None)
+    if layer_types is None or set(layer_types) == {"sliding_attention"}:
+        return windowed
+    return {"full_attention": full, "sliding_attention": windowed}
+
+
+def full_history_cache(cache: Cache) -> Cache:
+    """`cache`, or an empty `DynamicCache` of full layers in place of an empty `DynamicCache` with sliding layers.
+
+    A sliding layer keeps its last `window - 1` columns; with ragged acceptance some of them are holes, so it would
+    drop tokens a row still sees. Keeping every column and expressing the window in the mask
+    (`tree_attention_mask`) is exact.
+    """
+    sliding = any(getattr(layer, "is_sliding", False) for layer in cache.layers)
+    if sliding and type(cache) is DynamicCache and cache.get_seq_length() == 0:
+        return DynamicCache()
+    return cache
 
 
 def compact_cache(cache: Cache, num_new: int, keep: torch.LongTensor) -> None:

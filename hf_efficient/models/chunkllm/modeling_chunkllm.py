@@ -23,7 +23,7 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .cache_argument import CACHE_ARG, LEGACY_CACHE_ARG, cache_kwarg, either_cache
+from .cache_argument import CACHE_ARG, CACHE_ARG_SPELLINGS, cache_kwarg, either_cache
 from .cache_chunkllm import ChunkLLMCache, DecodeSelection
 from .configuration_chunkllm import ChunkLLMConfig
 
@@ -308,7 +308,7 @@ def check_backbone(backbone: PreTrainedModel) -> None:
             f"(model_type={config.model_type!r}) has no rotary embedding."
         )
     parameters = inspect.signature(backbone.forward).parameters
-    if CACHE_ARG not in parameters and LEGACY_CACHE_ARG not in parameters:
+    if not any(name in parameters for name in CACHE_ARG_SPELLINGS):
         raise ValueError(
             f"ChunkLLM needs a backbone with a KV cache; {name} (model_type={config.model_type!r}) takes no "
             f"`{CACHE_ARG}` (encoders cannot be used)."

@@ -249,12 +249,18 @@ class EmbeddingHypernetwork(PreTrainedModel):
             input_embeddings=rows[:, :dim], output_embeddings=rows[:, dim:] if self.output_out is not None else None
         )
 
-    def identity_loss(self, token_ids: torch.LongTensor) -> torch.Tensor:
+    def identity_loss(self, token_ids: torch.LongTensor, output: HypernetOutput | None = None) -> torch.Tensor:
         """Mean squared error between predictions for single base tokens `(n,)` and their own embeddings.
 
         The identity warm-up of ZeTT (§3.3) minimises this before tokenizer sampling starts.
+
+        Args:
+            token_ids (`torch.LongTensor` of shape `(n,)`): base token ids.
+            output (`HypernetOutput`, *optional*): the prediction for `token_ids[:, None]` when the caller ran the
+                forward itself (through a distributed wrapper, so that gradients are synchronised); computed here
+                otherwise.
         """
-        out = self(token_ids[:, None])
+        out = self(token_ids[:, None]) if output is None else output
         dim = self.config.embedding_dim
         loss = nn.functional.mse_loss(out.input_embeddings, self.source_embeddings[token_ids, :dim])
         if out.output_embeddings is not None:
