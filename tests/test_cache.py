@@ -134,16 +134,20 @@ def test_left_padding_matches_unpadded_rows(name):
         assert torch.equal(batched[row, ids.shape[1] : ids.shape[1] + new.numel()], new), (name, row)
 
 
-@pytest.mark.parametrize("name", ["gear", "kivi"])
-def test_quantized_caches_with_padding(name):
-    """Compressed blocks hold whole histories: the first token (from the full-precision prefill) is exact."""
+@pytest.mark.parametrize("name", list(COMPRESSING))
+def test_padding_content_never_changes_a_token(name):
+    """Every generated token of a left-padded batch is the same whatever the padding holds: padded columns never
+    shape a quantised block (ranges, low-rank, outliers) nor an eviction score. The first token comes from the
+    full-precision prefill; the later ones read compressed blocks that cover the padding."""
     model = tiny_causal_lm("llama")
     ids, mask = _padded_batch((40, 23))
-    expected = _generate(model, ids, mask, DynamicCache(config=model.config), new_tokens=8)
     cache = COMPRESSING[name](model.config)
-    out = _generate(model, ids, mask, cache, new_tokens=8)
-    assert torch.equal(out[:, ids.shape[1]], expected[:, ids.shape[1]])
-    assert cache.get_seq_length() == ids.shape[1] + 7 and cache.layers[0].key_store is not None
+    out = _generate(model, ids, mask, cache, new_tokens=16)
+    for filler in (7, 77):
+        other = _generate(model, ids.masked_fill(mask == 0, filler), mask, COMPRESSING[name](model.config), 16)
+        assert torch.equal(other[:, ids.shape[1] :], out[:, ids.shape[1] :]), (name, filler)
+    if name in ("gear", "kivi"):
+        assert cache.get_seq_length() == ids.shape[1] + 15 and cache.layers[0].key_store is not None
 
 
 @pytest.mark.parametrize("name", list(COMPRESSING))

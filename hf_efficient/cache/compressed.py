@@ -8,6 +8,12 @@ history `(B, n_blocks, H_kv, R, D)` is dequantised in one call per step, whateve
 
 The whole history stays, so positions are contiguous: `get_seq_length()` counts every token and the standard
 causal/padding mask applies unchanged. Attention runs on the dequantised history (no fused kernel).
+
+Padding never shapes a block: the layer reads which new tokens are padding from the mask of its attention call
+(routed to `attend`, see `scoring.AttentionRoute`), compresses only after that call, and fills padded columns with
+the mean of the block's real ones before compressing, so a padded row's quantisation ranges, low-rank and outlier
+terms come from its real tokens alone, whatever the padding holds. (On attention implementations whose masks
+cannot be read, the call is not routed and blocks compress as they arrive.)
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Protocol
 import torch
 
 from .base import MeasuredLayer, tensor_nbytes
+from .scoring import new_token_visibility, sdpa_attention_forward
 
 __all__ = ["CompressedBlock", "ResidualCompressedLayer"]
 
@@ -55,6 +62,7 @@ class ResidualCompressedLayer(MeasuredLayer):
         self.record_past = False
         self.key_store: CompressedBlock | None = None  # every compressed block, (B, n_blocks, H_kv, R, D)
         self.value_store: CompressedBlock | None = None
+        self.real: torch.Tensor | None = None  # (B, residual): False where the residual holds padding
 
     @abc.abstractmethod
     def compress_keys(self, keys: torch.Tensor) -> CompressedBlock:
@@ -68,6 +76,7 @@ class ResidualCompressedLayer(MeasuredLayer):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.keys = key_states[..., :0, :]  # (B, H_kv, 0, D): the residual starts empty
         self.values = value_states[..., :0, :]
+        self.real = torch.ones(key_states.shape[0], 0, dtype=torch.bool, device=self.device)
         self.is_initialized = True
 
     def update(
@@ -76,14 +85,42 @@ class ResidualCompressedLayer(MeasuredLayer):
         """Appends `(B, H_kv, q, D)` states and returns the whole (dequantised) history `(B, H_kv, L, D)`."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.cumulative_length += key_states.shape[-2]
+        batch, _, q_len, _ = key_states.shape
+        self.cumulative_length += q_len
         self.keys = torch.cat([self.keys, key_states], dim=-2)  # (B, H_kv, residual + q, D)
         self.values = torch.cat([self.values, value_states], dim=-2)
+        new_real = torch.ones(batch, q_len, dtype=torch.bool, device=self.device)  # until the mask says otherwise
+        self.real = torch.cat([self.real, new_real], dim=-1)  # (B, residual + q)
         keys = torch.cat([*self._history(self.key_store), self.keys], dim=-2)  # (B, H_kv, L, D)
         values = torch.cat([*self._history(self.value_store), self.values], dim=-2)
+        if not self.hand_off(keys) and not self.record_past:
+            self._flush()  # unrouted: compress now, padding unknown
+        return keys, values
+
+    def missed_attention(self) -> None:
+        """No attention call told which tokens are padding: compress what is due as it is."""
         if not self.record_past:
             self._flush()
-        return keys, values
+
+    def attend(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float,
+        **kwargs,
+    ) -> torch.Tensor:
+        """SDPA over the returned history; the new tokens' padding is read from the mask, then blocks compress."""
+        self.awaiting_attention = False
+        q_len = query.shape[-2]
+        new_block = new_token_visibility(attention_mask, q_len, query.shape[0]).to(self.device)  # (B, 1, q, q)
+        self.real[:, -q_len:] &= new_block[:, 0].diagonal(dim1=-2, dim2=-1)  # padding cannot see itself
+        output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        if not self.record_past:
+            self._flush()
+        return output
 
     @staticmethod
     def _history(store: CompressedBlock | None) -> list[torch.Tensor]:
@@ -104,6 +141,8 @@ class ResidualCompressedLayer(MeasuredLayer):
             rest = self.keys.shape[-2] - self.residual_length
             block_keys, self.keys = self.keys.split([self.residual_length, rest], dim=-2)
             block_values, self.values = self.values.split([self.residual_length, rest], dim=-2)
+            block_real, self.real = self.real.split([self.residual_length, rest], dim=-1)
+            block_keys, block_values = _fill_padding(block_keys, block_real), _fill_padding(block_values, block_real)
             self.key_store = self._append(self.key_store, self.compress_keys(block_keys.unsqueeze(1).contiguous()))
             self.value_store = self._append(
                 self.value_store, self.compress_values(block_values.unsqueeze(1).contiguous())
@@ -130,6 +169,7 @@ class ResidualCompressedLayer(MeasuredLayer):
                     "`activate_past_recording()` before the forward passes you may roll back"
                 )
             self.keys, self.values = self.keys[..., :-remove, :], self.values[..., :-remove, :]
+            self.real = self.real[:, :-remove]
             self.cumulative_length -= remove
         if self.is_initialized:
             self._flush()
@@ -144,16 +184,16 @@ class ResidualCompressedLayer(MeasuredLayer):
         return -1
 
     def reset(self) -> None:
-        self.keys = self.values = None
+        self.keys = self.values = self.real = None
         self.key_store = self.value_store = None
         self.cumulative_length = 0
-        self.is_initialized = False
+        self.is_initialized = self.awaiting_attention = False
 
     def _select_batch(self, index: torch.Tensor) -> None:
         if not self.is_initialized:
             return
         index = index.to(self.device)
-        self.keys, self.values = self.keys[index], self.values[index]
+        self.keys, self.values, self.real = self.keys[index], self.values[index], self.real[index]
         if self.key_store is not None:
             self.key_store, self.value_store = self.key_store.select(index), self.value_store.select(index)
 
@@ -171,3 +211,12 @@ class ResidualCompressedLayer(MeasuredLayer):
         residual = tensor_nbytes(self.keys, self.values) if self.is_initialized else 0
         stores = (self.key_store, self.value_store)
         return residual + sum(store.nbytes() for store in stores if store is not None)
+
+
+def _fill_padding(block: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """`block` `(B, H_kv, R, D)` with the columns where `real` `(B, R)` is False replaced by the mean of the row's
+    real columns (zeros when it has none): attention never reads them, and they leave the block's statistics to
+    the real tokens."""
+    weight = real[:, None, :, None].to(block.dtype)  # (B, 1, R, 1)
+    mean = (block * weight).sum(dim=-2, keepdim=True) / weight.sum(dim=-2, keepdim=True).clamp(min=1)  # (B, H, 1, D)
+    return torch.where(real[:, None, :, None], block, mean)

@@ -20,14 +20,12 @@ keeps the top `budget` slots in position order and masks attention itself, so:
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers import PreTrainedConfig
 
 from .base import CompressedKVCache, MeasuredLayer, tensor_nbytes
-from .scoring import ATTENTION_NAME, HANDOFF_ATTRIBUTE, AttentionRoute, grouped_attention, sdpa_attention_forward
+from .scoring import grouped_attention, new_token_visibility, sdpa_attention_forward
 
 __all__ = ["EvictionCache", "EvictionLayer"]
 
@@ -43,7 +41,6 @@ class EvictionLayer(MeasuredLayer):
     is_sliding = False
     is_croppable = False
     needs_queries = False  # whether `observe` must run (it always receives the queries when it does)
-    route: AttentionRoute | None = None  # set by `EvictionCache`: routes the attention call after `update`
 
     def __init__(self, budget: int, recent: int):
         super().__init__()
@@ -82,12 +79,6 @@ class EvictionLayer(MeasuredLayer):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Appends `(B, H_kv, q, D)` states; the returned keys carry this layer to the `"hfe_kv"` attention."""
-        if self.awaiting_attention:
-            raise RuntimeError(
-                f"{type(self).__name__} was updated twice without its attention running: the cache routes the "
-                f"model's attention to {ATTENTION_NAME!r} through the config it was built with; build it with "
-                "`config=model.config` (the model's own config object, not a copy)"
-            )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         batch, kv_heads, q_len, _ = key_states.shape
@@ -96,10 +87,7 @@ class EvictionLayer(MeasuredLayer):
         self.keys = torch.cat([self.keys, key_states], dim=-2)  # (B, H_kv, L, D)
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.cumulative_length += q_len
-        self.awaiting_attention = True
-        setattr(self.keys, HANDOFF_ATTRIBUTE, self)
-        if self.route is not None:
-            self.route.to_scoring()
+        self.hand_off(self.keys)
         return self.keys, self.values
 
     def attend(
@@ -121,7 +109,7 @@ class EvictionLayer(MeasuredLayer):
         q_len = query.shape[-2]
         if attention_mask is not None and attention_mask.dtype != torch.bool:
             attention_mask = attention_mask == 0  # an additive float mask: 0 where visible
-        new_block = self._new_block(attention_mask, q_len)  # (B, 1, q, q)
+        new_block = new_token_visibility(attention_mask, q_len, self.keys.shape[0]).to(self.device)  # (B, 1, q, q)
         valid_new = new_block.diagonal(dim1=-2, dim2=-1)  # (B, 1, q): a token is padding iff it cannot see itself
         self.positions[..., -q_len:] = torch.where(valid_new, self.positions[..., -q_len:], -1)
         mask = None
@@ -136,13 +124,6 @@ class EvictionLayer(MeasuredLayer):
         if not self.record_past and self.should_evict():
             self.evict()
         return output
-
-    def _new_block(self, attention_mask: torch.Tensor | None, q_len: int) -> torch.Tensor:
-        """Visibility among this forward's tokens `(B, 1, q, q)` (causal + padding), from the standard mask."""
-        if attention_mask is not None:
-            return attention_mask[..., -q_len:]
-        causal = torch.ones(q_len, q_len, dtype=torch.bool, device=self.device).tril()
-        return causal.expand(self.keys.shape[0], 1, q_len, q_len)
 
     def _visibility(
         self, attention_mask: torch.Tensor | None, new_block: torch.Tensor, q_len: int, sliding_window: int | None
@@ -256,16 +237,12 @@ class EvictionLayer(MeasuredLayer):
 
 
 class EvictionCache(CompressedKVCache):
-    """A `CompressedKVCache` of eviction layers that routes the model's attention to `"hfe_kv"` while it is filled.
+    """A `CompressedKVCache` of eviction layers: they need every attention call (scores, per-slot masks), so models
+    whose attention masks cannot be read (not sdpa / eager) are refused.
 
     Args:
-        config (`PreTrainedConfig`): the model's own config object (`model.config`): its attention setting is
-            routed for one call at a time, never changed for good.
+        config (`PreTrainedConfig`): the model's own config object (`model.config`).
         layer_factory (`Callable[[], EvictionLayer]`): builds one layer policy.
     """
 
-    def __init__(self, config: PreTrainedConfig, layer_factory: Callable[[], EvictionLayer]):
-        super().__init__(config, layer_factory)
-        route = AttentionRoute(config, type(self).__name__)
-        for layer in self.layers:
-            layer.route = route
+    needs_attention_call = True

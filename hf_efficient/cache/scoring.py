@@ -1,15 +1,16 @@
-"""The attention function eviction caches need: it sees the queries, records score rows and masks kept slots.
+"""The attention function our caches see their calls through: queries, score rows, per-slot masks, padding.
 
 An eviction cache keeps, per batch row and KV head, a non-contiguous subset of past tokens, which the standard
 mask contract (a contiguous suffix of positions, see `masking_utils._preprocess_mask_arguments`) cannot
-describe, and scored eviction needs attention rows that SDPA never materialises. So every eviction layer hands
-itself to this function through the key tensor its `update` returns; the function then lets the layer build
-its own mask (per-slot validity from the padding seen at insertion) and record the score rows it needs, and
-falls back to plain SDPA for any other cache. It is registered under `ATTENTION_NAME` in both
-`AttentionInterface` and `AttentionMaskInterface` (without the latter, `create_causal_mask` silently returns
-`None`); the mask interface is plain `sdpa_mask`, so a model switched to it computes exactly what SDPA computes.
+describe, and scored eviction needs attention rows that SDPA never materialises; a quantised cache must know
+which tokens are padding before it compresses them. So every layer of our caches hands itself to this function
+through the key tensor its `update` returns; the function lets the layer attend (`MeasuredLayer.attend`: its own
+mask, score rows, padding) and falls back to plain SDPA for any other cache. It is registered under
+`ATTENTION_NAME` in both `AttentionInterface` and `AttentionMaskInterface` (without the latter,
+`create_causal_mask` silently returns `None`); the mask interface is plain `sdpa_mask`, so a model switched to it
+computes exactly what SDPA computes.
 
-Nobody needs to switch a model to it: while an eviction cache is being filled, each layer's `update` routes the
+Nobody needs to switch a model to it: while one of our caches is being filled, each layer's `update` routes the
 attention call that follows it here (`AttentionRoute`) and the call routes it back, so the model's own setting
 (`"sdpa"` or `"eager"`) is what every other cache, `generate` call and speculative strategy sees. Opting in for
 good is allowed and changes nothing else:
@@ -38,6 +39,7 @@ __all__ = [
     "grouped_attention",
     "grouped_logits",
     "masked_softmax",
+    "new_token_visibility",
 ]
 
 ATTENTION_NAME = "hfe_kv"
@@ -94,6 +96,21 @@ def grouped_attention(
     return out.view(batch, heads, q_len, -1).transpose(1, 2).contiguous()
 
 
+def new_token_visibility(attention_mask: torch.Tensor | None, q_len: int, batch: int) -> torch.Tensor:
+    """Visibility among a forward's `q_len` new tokens `(B, 1, q, q)` (causal + padding) from its mask.
+
+    Args:
+        attention_mask (`torch.Tensor`, *optional*): the boolean or additive (0 = visible) 4-D mask `(B, 1, q, L)`;
+            `None` means causal without padding.
+    """
+    if attention_mask is None:
+        causal = torch.ones(q_len, q_len, dtype=torch.bool).tril()
+        return causal.expand(batch, 1, q_len, q_len)
+    if attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask == 0
+    return attention_mask[..., -q_len:]
+
+
 def compressed_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -116,7 +133,10 @@ def compressed_attention_forward(
         dropout (`float`, *optional*, defaults to 0.0): attention dropout (training only).
     """
     layer = getattr(key, HANDOFF_ATTRIBUTE, None)
-    if layer is None:
+    if layer is None:  # another cache; a route left open by a layer filled by hand closes here
+        route = _OPEN_ROUTES.pop(id(getattr(module, "config", None)), None)
+        if route is not None:
+            route.back()
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
@@ -136,28 +156,32 @@ class AttentionRoute:
     """Routes one attention call of a model to `"hfe_kv"` and back, leaving the model's setting as it was.
 
     A decoder layer looks its attention function up in `config._attn_implementation` right after `cache.update`
-    returns; the eviction layer's `update` calls `to_scoring()` and `compressed_attention_forward` calls `back()`
+    returns; our cache layers call `to_scoring()` in `update` and `compressed_attention_forward` calls `back()`
     once the layer has attended, so the switch lasts one attention call. A model whose setting already is
     `"hfe_kv"` (opted in) is left alone.
 
     Args:
         config (`PreTrainedConfig`): the config the model's attention modules read (`config=model.config`).
         cache_name (`str`): for error messages.
+        required (`bool`): whether the cache cannot work without the routed call (eviction) or only learns the
+            padding from it (quantised caches, which then run unrouted on other attention implementations).
     """
 
-    def __init__(self, config: PreTrainedConfig, cache_name: str):
+    def __init__(self, config: PreTrainedConfig, cache_name: str, required: bool):
         self.config = config.get_text_config(decoder=True)
-        self.cache_name = cache_name
+        self.cache_name, self.required = cache_name, required
         self.user_setting: str | None = None  # the model's own setting while routed
 
-    def to_scoring(self) -> None:
-        """Route the next attention call to `"hfe_kv"`.
+    def to_scoring(self) -> bool:
+        """Route the next attention call to `"hfe_kv"`; whether it was routed.
 
         Raises:
-            `ValueError`: for attention implementations whose masks the eviction layers cannot read.
+            `ValueError`: when `required` and the model's attention masks cannot be read (not sdpa / eager).
         """
         current = self.config._attn_implementation
         if current not in ROUTABLE_ATTENTION:
+            if not self.required:
+                return False
             raise ValueError(
                 f"{self.cache_name} needs a model with attn_implementation 'sdpa' or 'eager', got {current!r}: "
                 "load it with attn_implementation='sdpa'."
@@ -165,8 +189,14 @@ class AttentionRoute:
         if current != ATTENTION_NAME:
             self.user_setting = current
             self.config._attn_implementation = ATTENTION_NAME
+            _OPEN_ROUTES[id(self.config)] = self
+        return True
 
     def back(self) -> None:
         """Restore the model's own setting (no-op when the model opted in to `"hfe_kv"`)."""
         if self.user_setting is not None:
             self.config._attn_implementation, self.user_setting = self.user_setting, None
+            _OPEN_ROUTES.pop(id(self.config), None)
+
+
+_OPEN_ROUTES: dict[int, AttentionRoute] = {}  # id(config) -> the route that switched it, until it switches back
