@@ -76,8 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
     trainer.train(resume_from_checkpoint=last)
     trainer.save_model(args.output_dir)
-    tokenizer.save_pretrained(args.output_dir)
-    print(f"saved the distilled drafter ({args.divergence}) to {args.output_dir}")
+    if trainer.is_world_process_zero():  # one writer under several processes
+        tokenizer.save_pretrained(args.output_dir)
+        print(f"saved the distilled drafter ({args.divergence}) to {args.output_dir}")
 
 
 if __name__ == "__main__":

@@ -104,8 +104,9 @@ def main(argv: list[str] | None = None) -> None:
     trainer = Trainer(model=HeadTrainingModel(head, args.reject_weight), args=training_args, train_dataset=dataset)
     last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
     trainer.train(resume_from_checkpoint=last)
-    head.save(os.path.join(args.output_dir, "acceptance_head.safetensors"))
-    print(f"saved the acceptance head to {args.output_dir}/acceptance_head.safetensors")
+    if trainer.is_world_process_zero():  # one writer under several processes
+        head.save(os.path.join(args.output_dir, "acceptance_head.safetensors"))
+        print(f"saved the acceptance head to {args.output_dir}/acceptance_head.safetensors")
 
 
 if __name__ == "__main__":

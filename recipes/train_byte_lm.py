@@ -166,14 +166,15 @@ def train_byte_lm(
     last = get_last_checkpoint(str(output_dir)) if resume and Path(output_dir).is_dir() else None
     trainer.train(resume_from_checkpoint=last)
     trainer.save_model(str(output_dir))
-    tokenizer.save_pretrained(str(output_dir))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     metrics = {
         "model": model_name,
         "parameters": sum(p.numel() for p in model.parameters()),
         "final_loss": losses[-1] if losses else math.nan,
     }
-    Path(output_dir, "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if trainer.is_world_process_zero():  # one writer under several processes
+        tokenizer.save_pretrained(str(output_dir))
+        Path(output_dir, "metrics.json").write_text(json.dumps(metrics, indent=2))
     return model, tokenizer, trainer.state.log_history
 
 

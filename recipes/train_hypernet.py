@@ -228,8 +228,12 @@ class HypernetTrainer(Trainer):
         if next(self.base_model.parameters()).device != device:
             self.base_model.to(device)
         if self.state.global_step < self.identity_steps:
-            ids = torch.randint(0, hypernet.config.source_vocab_size, (self.identity_batch,), device=device)
-            # the forward runs through `model` (the DDP wrapper under several processes), so gradients are synchronised
+            # each process draws its own tokens (data parallelism), and the forward runs through `model` (the DDP
+            # wrapper under several processes) so that their gradients are averaged
+            seed = self.args.seed + 7919 * self.args.process_index + self.state.global_step
+            generator = torch.Generator().manual_seed(seed)
+            ids = torch.randint(0, hypernet.config.source_vocab_size, (self.identity_batch,), generator=generator)
+            ids = ids.to(device)
             loss = hypernet.identity_loss(ids, model(ids[:, None]))
             return (loss, {}) if return_outputs else loss
         pred = model(inputs["surface_ids"])
