@@ -516,3 +516,20 @@ def test_trimmed_drafter_survives_save_and_load(tmp_path):
     untrimmed = tiny_causal_lm("llama", seed=2, num_hidden_layers=1)
     untrimmed.save_pretrained(tmp_path / "plain")
     assert load_drafter(tmp_path / "plain").get_output_embeddings().weight.shape[0] == untrimmed.config.vocab_size
+
+
+def test_compaction_skips_layers_without_kv():
+    """transformers 5.24 caches may hold `DummyLayer`s (no KV: layers that share another layer's cache)."""
+    dummy = pytest.importorskip("transformers.cache_utils").__dict__.get("DummyLayer")
+    if dummy is None:
+        pytest.skip("this transformers release has no DummyLayer")
+    from hf_efficient.speculative.kv import compact_cache
+
+    cache = DynamicCache()
+    keys = torch.randn(2, 2, 7, 4)
+    cache.update(keys, keys.clone(), 0)
+    cache.layers.append(dummy())
+    compact_cache(cache, num_new=3, keep=torch.tensor([[0, 2], [1, 2]]))  # rows keep different tree nodes
+    assert cache.layers[0].keys.shape[-2] == 6 and cache.layers[1].keys is None
+    assert torch.equal(cache.layers[0].keys[0, :, 4:], keys[0, :, [4, 6]])
+    assert torch.equal(cache.layers[0].keys[1, :, 4:], keys[1, :, [5, 6]])

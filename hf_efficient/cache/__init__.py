@@ -1,4 +1,4 @@
-"""Compressed KV caches: `Cache` subclasses passed to `generate(past_key_values=...)`.
+"""Compressed KV caches: `Cache` subclasses passed to `generate(cache=...)` (`past_key_values=` before 5.24).
 
 Quantised (whole history, real packed storage): `GEARCache`, `KIVICache`. Eviction (a scored subset per KV
 head, through the `"hfe_kv"` attention registered on import): `StreamingCache`, `HeavyHitterCache`,
@@ -7,7 +7,7 @@ head, through the `"hfe_kv"` attention registered on import): `StreamingCache`, 
 ```python
 >>> from hf_efficient.cache import GEARCache
 >>> cache = GEARCache(config=model.config, bits=4, rank=4)
->>> model.generate(**inputs, past_key_values=cache, max_new_tokens=32)
+>>> model.generate(**inputs, cache=cache, max_new_tokens=32)
 >>> cache.nbytes()
 ```
 """

@@ -41,7 +41,7 @@ def demo() -> None:
         held = (
             cache.nbytes()
             if hasattr(cache, "nbytes")
-            else sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+            else sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)
         )
         baseline = baseline or held
         text = tokenizer.decode(out[0, ids.shape[1] :])[:60]

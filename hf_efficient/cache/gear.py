@@ -191,7 +191,7 @@ class GEARCache(CompressedKVCache):
 
     ```python
     >>> cache = GEARCache(config=model.config, bits=4, rank=4)
-    >>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=32)
+    >>> out = model.generate(**inputs, cache=cache, max_new_tokens=32)
     >>> cache.nbytes()
     ```
     """

@@ -125,7 +125,7 @@ class HeavyHitterCache(EvictionCache):
 
     ```python
     >>> cache = HeavyHitterCache(config=model.config, budget=128, recent=64, score="keyformer")
-    >>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=256)
+    >>> out = model.generate(**inputs, cache=cache, max_new_tokens=256)
     ```
     """
 

@@ -76,7 +76,7 @@ class KIVICache(CompressedKVCache):
 
     ```python
     >>> cache = KIVICache(config=model.config, bits=2, group_size=32, residual_length=64)
-    >>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=32)
+    >>> out = model.generate(**inputs, cache=cache, max_new_tokens=32)
     >>> cache.nbytes()
     ```
     """

@@ -87,7 +87,7 @@ class SnapKVCache(EvictionCache):
 
     ```python
     >>> cache = SnapKVCache(config=model.config, budget=256, window=32, kernel=7)
-    >>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+    >>> out = model.generate(**inputs, cache=cache, max_new_tokens=64)
     ```
     """
 

@@ -51,7 +51,7 @@ class StreamingCache(EvictionCache):
 
     ```python
     >>> cache = StreamingCache(config=model.config, sink_tokens=4, window=60)
-    >>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=200)   # never holds more than 64
+    >>> out = model.generate(**inputs, cache=cache, max_new_tokens=200)   # never holds more than 64
     ```
     """
 

@@ -54,7 +54,7 @@ class HNetCache(Cache):
 
     ```python
     >>> cache = HNetCache()
-    >>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=20)
+    >>> out = model.generate(**inputs, cache=cache, max_new_tokens=20)
     ```
     """
 
