@@ -360,3 +360,18 @@ def test_heavy_hitter_refused_by_speculative_decoding_for_the_right_reason():
             torch.randint(3, 96, (1, 8)), max_new_tokens=4, custom_generate=TokenRecycling(), **cache_kwarg(cache)
         )
     assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("name", ["gear", "kivi", "streaming", "snapkv"])
+def test_croppable_caches_under_hf_assisted_decoding(name):
+    """HF's own assisted decoding (prompt lookup) records the past and crops (5.25 passes `recurrent_states_to_keep`
+    to every layer's `activate_past_recording`); the croppable caches take it and keep their budgets."""
+    model = tiny_causal_lm("llama")
+    ids = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(2)).repeat(1, 2)  # repeats to look up
+    cache = COMPRESSING[name](model.config)
+    kwargs = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, prompt_lookup_num_tokens=3)
+    out = model.generate(ids, **kwargs, **cache_kwarg(cache))
+    assert out.shape == (1, 24 + 20) and model.config._attn_implementation == "sdpa"
+    assert cache.get_seq_length() == 24 + 20 - 1
+    if name == "streaming":
+        assert cache.layers[0].keys.shape[-2] <= 12 + 3  # 2 sinks + 10 recent, plus at most the last draft

@@ -149,7 +149,7 @@ class ResidualCompressedLayer(MeasuredLayer):
             )
         self.keys, self.values = self.keys.contiguous(), self.values.contiguous()
 
-    def activate_past_recording(self) -> None:
+    def activate_past_recording(self, **kwargs) -> None:  # 5.25 passes recurrent_states_to_keep=
         """Defers compression to the next `crop`, so that rolled-back tokens never reach a compressed block."""
         self.record_past = True
 

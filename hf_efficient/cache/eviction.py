@@ -192,7 +192,7 @@ class EvictionLayer(MeasuredLayer):
         if self.should_evict():
             self.evict()
 
-    def activate_past_recording(self) -> None:
+    def activate_past_recording(self, **kwargs) -> None:  # 5.25 passes recurrent_states_to_keep=
         """Defers eviction to the next `crop`, so that a rollback only ever removes the newest slots.
 
         Raises:

@@ -65,7 +65,7 @@ class SnapKVLayer(EvictionLayer):
     def on_evict(self, keep: torch.Tensor) -> None:
         self.window_scores = None
 
-    def activate_past_recording(self) -> None:
+    def activate_past_recording(self, **kwargs) -> None:  # 5.25 passes recurrent_states_to_keep=
         """Nothing to defer: eviction happens once, on the prompt, which speculative decoding never rolls back."""
 
     def reset(self) -> None:
