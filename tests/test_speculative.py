@@ -533,3 +533,36 @@ def test_compaction_skips_layers_without_kv():
     assert cache.layers[0].keys.shape[-2] == 6 and cache.layers[1].keys is None
     assert torch.equal(cache.layers[0].keys[0, :, 4:], keys[0, :, [4, 6]])
     assert torch.equal(cache.layers[0].keys[1, :, 4:], keys[1, :, [5, 6]])
+
+
+@pytest.mark.parametrize("strategy", ["recycling", "self-chain"])
+def test_hybrid_sliding_model_past_its_window(strategy):
+    """Gemma 3 mixes sliding (window 8) and full layers: one mask per layer type; 34-token rows, left padding."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    sliding, full = "sliding_attention", "full_attention"
+    config = Gemma3TextConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=8,
+        layer_types=[sliding, sliding, sliding, full],
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    config._attn_implementation = "sdpa"
+    target = Gemma3ForCausalLM(config).eval()
+    inputs = _prompts(3)
+    kwargs = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    expected = target.generate(**inputs, **kwargs)
+    drafter = TokenRecycling(tree=8) if strategy == "recycling" else DRAFTERS["self-chain"](target, "gemma3")
+    assert torch.equal(target.generate(**inputs, **kwargs, custom_generate=drafter), expected)
+    if strategy == "self-chain":
+        assert drafter.stats.steps == 6  # every draft accepted: 1 + ceil(23 / 5) forwards

@@ -107,15 +107,14 @@ def tree_attention_mask(
     sliding, e.g. Mistral), or one mask per layer type (sliding and full layers mixed, e.g. Gemma 3, whose forward
     takes a `{layer type: mask}` mapping). The cache must then hold the full history (`full_history_cache`).
     """
-    full = layout.tree_mask(ancestors, dtype)
     window = sliding_window_of(config)
     if window is None:
-        return full
+        return layout.tree_mask(ancestors, dtype)
     windowed = layout.tree_mask(ancestors, dtype, window=window, node_positions=node_positions)
     layer_types = getattr(config.get_text_config(decoder=True), "layer_types", None)
     if layer_types is None or set(layer_types) == {"sliding_attention"}:
         return windowed
-    return {"full_attention": full, "sliding_attention": windowed}
+    return {"full_attention": layout.tree_mask(ancestors, dtype), "sliding_attention": windowed}
 
 
 def full_history_cache(cache: Cache) -> Cache:
