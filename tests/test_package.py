@@ -34,3 +34,18 @@ def test_auto_registration_is_idempotent():
     from hf_efficient.models import register_auto_classes
 
     assert register_auto_classes() == register_auto_classes()
+
+
+def test_everything_advertised_imports():
+    """Each name in `__all__` (the package's and every public subpackage's) resolves: no advertised ghosts."""
+    import importlib
+
+    import hf_efficient
+
+    for name in hf_efficient.__all__:
+        module = getattr(hf_efficient, name)
+        for public in getattr(module, "__all__", []):
+            assert getattr(module, public) is not None, f"hf_efficient.{name}.{public}"
+    for package in ("models", "speculative", "cache", "prefill", "tokenization"):
+        module = importlib.import_module(f"hf_efficient.{package}")
+        assert all(hasattr(module, public) for public in module.__all__), package
