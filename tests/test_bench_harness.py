@@ -74,3 +74,24 @@ def test_loaded_report_records_without_rerunning(tmp_path):
     md = tmp_path / "BENCHMARKS.md"
     loaded.record(md)
     assert "| b | 1.5 | 7 |" in md.read_text() and (tmp_path / "docs/benchmarks/unit.png").is_file()
+
+
+def test_chat_prompt_set():
+    """Six Spec-Bench categories, 2 validation and 8 test conversations each, all ending with the user."""
+    from hf_efficient.bench import available
+    from hf_efficient.bench.chat_prompts import CATEGORIES, chat_inputs, chat_prompts
+
+    assert len(CATEGORIES) == 6 and "chat_prompts" not in available()
+    seen = set()
+    for category in CATEGORIES:
+        validation, test = chat_prompts(category, "validation"), chat_prompts(category, "test")
+        assert len(validation) == 2 and len(test) == 8
+        for conversation in validation + test:
+            assert conversation[-1]["role"] == "user" and conversation[0]["role"] == "user"
+            key = str(conversation)
+            assert key not in seen  # no conversation twice, so no test prompt leaks into validation
+            seen.add(key)
+    with pytest.raises(ValueError, match="category"):
+        chat_prompts("poetry")
+    with pytest.raises(ValueError, match="chat template"):
+        chat_inputs(object(), chat_prompts("translation")[0])

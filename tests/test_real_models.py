@@ -54,3 +54,14 @@ def test_gemma3_loads_with_its_sliding_window():
     inputs = tokenizer("def fibonacci(n):", return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     assert out.shape[1] <= inputs["input_ids"].shape[1] + 12 and out.shape[1] > inputs["input_ids"].shape[1]
+
+
+@pytest.mark.real
+def test_chat_prompt_set_through_smollm2_template():
+    from hf_efficient.bench.chat_prompts import CATEGORIES, chat_inputs, chat_prompts
+
+    _, tokenizer = reference_model("smollm2-135m")
+    for category in CATEGORIES:
+        inputs = chat_inputs(tokenizer, chat_prompts(category, "test")[0])
+        text = tokenizer.decode(inputs["input_ids"][0])
+        assert text.rstrip().endswith("assistant") and inputs["input_ids"].shape[1] > 10, category

@@ -17,7 +17,7 @@ from .harness import BenchReport
 
 __all__ = ["BenchReport", "available", "description", "run"]
 
-_NOT_BENCHMARKS = {"harness", "prompts"}
+_NOT_BENCHMARKS = {"chat_prompts", "harness", "prompts"}
 
 
 def available() -> list[str]:
