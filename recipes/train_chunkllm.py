@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> Path:
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=default_data_collator)
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=get_last_checkpoint(str(args.output_dir)))
+    last = get_last_checkpoint(str(args.output_dir)) if args.output_dir.is_dir() else None  # every rank looks
+    trainer.train(resume_from_checkpoint=last)
     if trainer.is_world_process_zero():
         trainer.save_model(str(args.output_dir))
         tokenizer.save_pretrained(args.output_dir)

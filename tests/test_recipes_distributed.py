@@ -95,7 +95,8 @@ def _launch(recipe: str, tmp_path: Path, steps: int, probe_dir: Path) -> list[di
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HFE_PROBE_DIR": str(probe_dir)}
     env["HF_HUB_OFFLINE"] = "1"
     proc = subprocess.run(command + _args(recipe, tmp_path, steps), capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = "\n".join(line for line in proc.stderr.splitlines() if line.startswith("[rank"))  # each rank's traceback
+    assert proc.returncode == 0, (ranks or proc.stderr)[-6000:]
     return [json.loads((probe_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
 

@@ -17,10 +17,12 @@ from hf_efficient.reference import (
     REFERENCE_MODELS,
     SPLITS,
     ReferenceConfig,
+    corpus,
     reference_corpus,
     reference_key,
     reference_model,
     reference_model_path,
+    trained,
 )
 
 TINY = ReferenceConfig(
@@ -44,12 +46,12 @@ TINY = ReferenceConfig(
 
 def test_version_stamp_names_python_and_format():
     assert f"py{sys.version_info.major}.{sys.version_info.minor}" in CORPUS_VERSION
-    assert f"format{reference.CORPUS_FORMAT}" in CORPUS_VERSION
+    assert f"format{corpus.CORPUS_FORMAT}" in CORPUS_VERSION
 
 
 def test_splits_are_deterministic_disjoint_and_sized():
     first = {split: reference_corpus(split, "all") for split in SPLITS}
-    reference._documents.cache_clear()  # rebuild from disk: same documents, same order
+    corpus._documents.cache_clear()  # rebuild from disk: same documents, same order
     assert {split: reference_corpus(split, "all") for split in SPLITS} == first
     sets = {split: set(docs) for split, docs in first.items()}
     assert not sets["train"] & sets["validation"]
@@ -58,21 +60,21 @@ def test_splits_are_deterministic_disjoint_and_sized():
     total = sum(map(len, first.values()))
     for split in ("validation", "test"):
         assert 0.02 < len(first[split]) / total < 0.1, split
-    assert all(len(doc) <= reference.MAX_DOCUMENT_CHARS for docs in first.values() for doc in docs)
+    assert all(len(doc) <= corpus.MAX_DOCUMENT_CHARS for docs in first.values() for doc in docs)
 
 
 def test_split_assignment_is_a_stable_hash():
     # pinned: a change here means every split moved, which needs a CORPUS_FORMAT bump
-    assignments = [reference._split_of(name) for name in ("os.py", "json/decoder.py", "topic:if")]
-    assert assignments == [reference._split_of(name) for name in ("os.py", "json/decoder.py", "topic:if")]
-    assert set(map(reference._split_of, (f"doc{i}" for i in range(2000)))) == set(SPLITS)
+    assignments = [corpus._split_of(name) for name in ("os.py", "json/decoder.py", "topic:if")]
+    assert assignments == [corpus._split_of(name) for name in ("os.py", "json/decoder.py", "topic:if")]
+    assert set(map(corpus._split_of, (f"doc{i}" for i in range(2000)))) == set(SPLITS)
 
 
 def test_kinds_are_code_and_prose():
     code, prose = reference_corpus("validation", "code"), reference_corpus("validation", "prose")
     assert reference_corpus("validation", "all") == code + prose
     assert code and prose
-    complete = [doc for doc in code if len(doc) < reference.MAX_DOCUMENT_CHARS - 1000]
+    complete = [doc for doc in code if len(doc) < corpus.MAX_DOCUMENT_CHARS - 1000]
     for doc in complete:
         compile(doc, "<corpus>", "exec")  # untruncated code documents are valid Python
     letters = sum(c.isalpha() or c.isspace() for doc in prose for c in doc) / sum(map(len, prose))
@@ -108,15 +110,15 @@ def test_reference_configs_use_gqa_and_a_much_smaller_drafter():
         dataclasses.replace(TINY, num_key_value_heads=3)
 
 
-def test_key_follows_recipe_source_corpus_and_config(monkeypatch):
+def test_key_follows_training_code_corpus_and_config(monkeypatch):
     key = reference_key("target")
     assert key == reference_key("target") and key != reference_key("drafter")
     monkeypatch.setitem(REFERENCE_MODELS, "target", dataclasses.replace(REFERENCE_MODELS["target"], max_steps=7))
     changed_config = reference_key("target")
     assert changed_config != key
-    monkeypatch.setattr(reference, "_recipe_source_hash", lambda: "an edited recipe")
+    monkeypatch.setattr(trained, "_recipe_source_hash", lambda: "edited training code")
     assert reference_key("target") not in (key, changed_config)
-    monkeypatch.setattr(reference, "CORPUS_VERSION", "another python")
+    monkeypatch.setattr(trained, "CORPUS_VERSION", "another python")
     assert reference_key("target") != changed_config
 
 
@@ -132,9 +134,9 @@ def test_cache_dir_honours_environment(monkeypatch, tmp_path):
 @pytest.fixture
 def tiny_reference(monkeypatch, tmp_path):
     """A 'tiny' reference model trained for 3 steps on 24 documents, in a temporary cache."""
-    corpus = reference_corpus
+    full_corpus = reference_corpus
 
-    monkeypatch.setattr(train_reference, "reference_corpus", lambda split, kind: corpus(split, kind)[:12])
+    monkeypatch.setattr(trained, "reference_corpus", lambda split, kind: full_corpus(split, kind)[:12])
     monkeypatch.setenv("HF_EFFICIENT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(REFERENCE_MODELS, "tiny", TINY)
     return tmp_path / "cache"
@@ -160,7 +162,7 @@ def test_tiny_build_then_load_from_cache(tiny_reference, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a cached reference model must not be trained again")
 
-    monkeypatch.setattr(train_reference, "train_model", no_training)
+    monkeypatch.setattr(trained, "train_model", no_training)
     again, _ = reference_model("tiny")  # cached: loads
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     monkeypatch.setitem(REFERENCE_MODELS, "tiny", dataclasses.replace(TINY, learning_rate=1e-3))

@@ -116,7 +116,7 @@ def real_model_path(name: str, convert: bool = True, progress: bool = True) -> P
         `ImportError`: naming the package to install when the carrier package (or `gguf`) is missing.
         `FileNotFoundError`: when `convert=False` and the folder is not built.
     """
-    from . import _build_atomically, cache_dir
+    from .trained import _build_atomically, cache_dir
 
     spec = _spec(name)
     _require(spec, name)
