@@ -1,4 +1,5 @@
-"""`hf-efficient demo` section for the compressed caches and prepacking (well under 30 s on a CPU)."""
+"""`hf-efficient demo` section for the compressed caches and prepacking: the reference target, then a long chat
+prompt on the real SmolLM2-135M-Instruct (about 30 s on a CPU)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ __all__ = ["demo"]
 def demo() -> None:
     """Generate with every cache on the reference target, printing bytes held and text; then prepack prompts."""
     from hf_efficient.cache import GEARCache, HeavyHitterCache, KIVICache, SnapKVCache, StreamingCache
-    from hf_efficient.compat import DynamicCache, cache_kwarg
+    from hf_efficient.compat import DynamicCache
     from hf_efficient.prefill import prepacked_generate
     from hf_efficient.reference import reference_corpus, reference_model
 
@@ -31,21 +32,7 @@ def demo() -> None:
         "SnapKVCache 40": lambda: SnapKVCache(config, budget=40, window=16),
     }
     print(f"Compressed KV caches on the reference target: {ids.shape[1]}-token code prompt, 12 greedy tokens")
-    baseline = None
-    for name, factory in caches.items():
-        cache = factory()
-        start = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, **cache_kwarg(cache))
-        seconds = time.perf_counter() - start
-        held = (
-            cache.nbytes()
-            if hasattr(cache, "nbytes")
-            else sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)
-        )
-        baseline = baseline or held
-        text = tokenizer.decode(out[0, ids.shape[1] :])[:60]
-        print(f"  {name:<30} {held / 1024:8.1f} KiB ({held / baseline:6.1%})  {seconds:5.2f}s  {text!r}")
+    _compare(model, tokenizer, {"input_ids": ids}, caches, dict(max_new_tokens=12, min_new_tokens=12), 60)
 
     prose = reference_corpus("validation", "prose")[:6]
     prompts = [tokenizer(text)["input_ids"][: 16 + 24 * i] for i, text in enumerate(prose)]
@@ -70,3 +57,55 @@ def demo() -> None:
         f"Prepacking {len(prompts)} prompts of {min(lengths)}-{max(lengths)} tokens: {packed_s:.2f}s packed vs "
         f"{alone_s:.2f}s one by one; greedy outputs identical for {same}/{len(prompts)}"
     )
+    _real_model_caches()
+
+
+def _held_bytes(cache) -> int:
+    """What a cache holds: our caches report it; HF's `DynamicCache` is summed over its layers."""
+    if hasattr(cache, "nbytes"):
+        return cache.nbytes()
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)
+
+
+def _compare(model, tokenizer, inputs: dict, caches: dict, generate_kwargs: dict, chars: int) -> None:
+    """Greedy generation with every cache of `caches` (name -> factory): bytes held, time and the text."""
+    from hf_efficient.compat import cache_kwarg
+
+    baseline, prompt = None, inputs["input_ids"].shape[1]
+    for name, factory in caches.items():
+        cache = factory()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(**inputs, do_sample=False, **generate_kwargs, **cache_kwarg(cache))
+        seconds = time.perf_counter() - start
+        held = _held_bytes(cache)
+        baseline = baseline or held
+        text = tokenizer.decode(out[0, prompt:], skip_special_tokens=True)[:chars]
+        print(f"  {name:<30} {held / 1024:8.1f} KiB ({held / baseline:6.1%})  {seconds:5.2f}s  {text!r}")
+
+
+def _real_model_caches() -> None:
+    """A long chat prompt (a test-split document to summarize) on the real SmolLM2-135M-Instruct."""
+    from hf_efficient.cache import GEARCache, KIVICache, SnapKVCache, StreamingCache
+    from hf_efficient.compat import DynamicCache
+    from hf_efficient.reference import reference_corpus, reference_model
+
+    try:
+        model, tokenizer = reference_model("smollm2-135m")
+    except ImportError as error:
+        print(f"(real model skipped: {error})")
+        return
+    document = next(d for d in reference_corpus("test", "prose") if len(d) > 3000)[:3000]
+    chat = [{"role": "user", "content": f"Summarize this text in two sentences:\n\n{document}"}]
+    inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    config = model.config
+    caches = {
+        "DynamicCache": lambda: DynamicCache(config=config),
+        "GEARCache 4-bit": lambda: GEARCache(config, bits=4),
+        "KIVICache 2-bit": lambda: KIVICache(config, bits=2),
+        "StreamingCache 4+252": lambda: StreamingCache(config, sink_tokens=4, window=252),
+        "SnapKVCache 256": lambda: SnapKVCache(config, budget=256),
+    }
+    length = inputs["input_ids"].shape[1]
+    print(f"SmolLM2-135M-Instruct (real): a {length}-token chat prompt (summarize a test-split document), 40 tokens")
+    _compare(model, tokenizer, inputs, caches, dict(max_new_tokens=40), 70)

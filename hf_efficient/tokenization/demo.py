@@ -67,6 +67,24 @@ def _byte_demo() -> None:
         print(
             f"  {prompt!r}: tokens -> {naive!r}, bytes -> {sampler.complete(prompt, max_new_bytes=12)!r}, next {top}"
         )
+    _real_byte_demo()
+
+
+def _real_byte_demo() -> None:
+    """Exact byte-level completion on the real SmolLM2-135M-Instruct (byte-level BPE, 49k tokens)."""
+    from hf_efficient.reference import reference_model
+
+    from .byte_probabilities import ByteLevelSampler
+
+    try:
+        model, tokenizer = reference_model("smollm2-135m")
+    except ImportError as error:
+        print(f"(real model skipped: {error})")
+        return
+    sampler = ByteLevelSampler(model, tokenizer)
+    print("\nSmolLM2-135M-Instruct (real), prompts cut inside a word: exact byte-level completion")
+    for prompt in ("def reverse_str", "The capital of Fra"):
+        print(f"  {prompt!r} -> {sampler.complete(prompt, max_new_bytes=12)!r}")
 
 
 def demo() -> None:
