@@ -88,13 +88,13 @@ def _real_model_caches() -> None:
     """A long chat prompt (a test-split document to summarize) on the real SmolLM2-135M-Instruct."""
     from hf_efficient.cache import GEARCache, KIVICache, SnapKVCache, StreamingCache
     from hf_efficient.compat import DynamicCache
-    from hf_efficient.reference import reference_corpus, reference_model
+    from hf_efficient.reference import reference_corpus
+    from hf_efficient.reference.real import demo_real_model
 
-    try:
-        model, tokenizer = reference_model("smollm2-135m")
-    except ImportError as error:
-        print(f"(real model skipped: {error})")
+    loaded = demo_real_model()
+    if loaded is None:
         return
+    model, tokenizer = loaded
     document = next(d for d in reference_corpus("test", "prose") if len(d) > 3000)[:3000]
     chat = [{"role": "user", "content": f"Summarize this text in two sentences:\n\n{document}"}]
     inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True, return_tensors="pt")

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["REAL_MODELS", "RealModel", "load_real_model", "real_model_path"]
+__all__ = ["REAL_MODELS", "RealModel", "demo_real_model", "load_real_model", "real_model_path"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,3 +169,13 @@ def load_real_model(
     path = real_model_path(name, progress=progress)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(path)
+
+
+def demo_real_model(name: str = "smollm2-135m") -> tuple[PreTrainedModel, PreTrainedTokenizerBase] | None:
+    """`load_real_model(name)` (fp32) for a demo section, or `None` after printing why it is skipped (the carrier
+    package is not installed), so one missing package never fails the whole demo."""
+    try:
+        return load_real_model(name)
+    except ImportError as error:
+        print(f"(real model skipped: {error})")
+        return None

@@ -47,14 +47,13 @@ def _real_chat() -> None:
     """A chat answer from the real SmolLM2-135M-Instruct, streamed through `TokenRecycling`, timed against plain."""
     from transformers import TextStreamer
 
-    from hf_efficient.reference import reference_model
+    from hf_efficient.reference.real import demo_real_model
     from hf_efficient.speculative import TokenRecycling
 
-    try:
-        model, tokenizer = reference_model("smollm2-135m")  # fp32: greedy output is then exactly plain generate's
-    except ImportError as error:
-        print(f"\n(real model skipped: {error})")
+    loaded = demo_real_model()  # fp32: greedy output is then exactly plain generate's
+    if loaded is None:
         return
+    model, tokenizer = loaded
 
     def chat(text: str) -> dict:
         messages = [{"role": "user", "content": text}]

@@ -72,15 +72,14 @@ def _byte_demo() -> None:
 
 def _real_byte_demo() -> None:
     """Exact byte-level completion on the real SmolLM2-135M-Instruct (byte-level BPE, 49k tokens)."""
-    from hf_efficient.reference import reference_model
+    from hf_efficient.reference.real import demo_real_model
 
     from .byte_probabilities import ByteLevelSampler
 
-    try:
-        model, tokenizer = reference_model("smollm2-135m")
-    except ImportError as error:
-        print(f"(real model skipped: {error})")
+    loaded = demo_real_model()
+    if loaded is None:
         return
+    model, tokenizer = loaded
     sampler = ByteLevelSampler(model, tokenizer)
     print("\nSmolLM2-135M-Instruct (real), prompts cut inside a word: exact byte-level completion")
     for prompt in ("def reverse_str", "The capital of Fra"):
