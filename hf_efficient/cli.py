@@ -200,9 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="versions, device, registered model types, reference models").set_defaults(
         func=cmd_info
     )
-    sub.add_parser("demo", help="show every capability working (builds the reference models if missing)").set_defaults(
-        func=cmd_demo
-    )
+    sub.add_parser(
+        "demo", help="show every capability on the real models (self-trained parts once built)"
+    ).set_defaults(func=cmd_demo)
 
     ref = sub.add_parser("reference", help="build the embedded reference models that are missing")
     ref.add_argument("names", nargs="*", help="reference model names (default: all)")

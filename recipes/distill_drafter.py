@@ -24,6 +24,14 @@ import os
 DIVERGENCE_BETA = {"fkl": 0.0, "jsd": 0.5, "rkl": 1.0}
 
 
+def distilled_drafter_path():
+    """Default output: next to the reference models, keyed by both the student's and the teacher's recipe, so a
+    retrained target or drafter is distilled again."""
+    from hf_efficient.reference import cache_dir, reference_key
+
+    return cache_dir() / f"drafter-distilled-{reference_key('drafter')}-from-{reference_key('target')}"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", help="target model folder (default: the reference target)")
@@ -56,8 +64,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     teacher, student, tokenizer = load_target_and_drafter(args.teacher, args.student)
     if args.output_dir is None:
-        from hf_efficient.bench.speculative import distilled_drafter_path
-
         args.output_dir = str(distilled_drafter_path())
     tokenizer.padding_side = "left"
     dataset = Dataset.from_dict({"prompt": training_prompts(tokenizer, args.num_prompts, args.prompt_tokens)})

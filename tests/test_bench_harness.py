@@ -5,7 +5,7 @@ import torch
 from factories import tiny_causal_lm
 
 from hf_efficient import bench
-from hf_efficient.bench.harness import BenchReport, ForwardCounter, measure, ratio
+from hf_efficient.bench.harness import BenchReport, ForwardCounter, interleaved, measure, ratio
 
 
 def test_measure_median_and_result():
@@ -16,6 +16,20 @@ def test_measure_median_and_result():
     assert timing.peak_memory_bytes is not None and timing.peak_memory_bytes >= 0
     with pytest.raises(ValueError, match="repeats=0"):
         measure(lambda: None, repeats=0)
+
+
+def test_interleaved_rotates_order_and_reports_median_of_per_round_ratios():
+    order = []
+    works = {name: (lambda n=name: order.append(n) or len(order)) for name in "abc"}
+    timing = interleaved(works, rounds=3, warmup=1)
+    assert order == list("abc") + list("abc") + list("bca") + list("cab")  # warm-up, then rotating rounds
+    assert [len(timing.times_s[n]) for n in "abc"] == [3, 3, 3] and timing.results["a"] == [4, 9, 11]
+    timing.times_s = {"base": [1.0, 2.0, 10.0], "fast": [0.5, 1.0, 20.0]}  # the last round: a hiccup in "fast"
+    timing.results = {"base": [8, 8, 8], "fast": [8, 8, 4]}
+    assert timing.speedup("fast", "base") == 2.0  # median of 2, 2, 0.5: the hiccup does not move it
+    assert timing.per_round("fast", "base", amount=lambda r: r) == [2.0, 2.0, 0.25]  # tokens/s ratios
+    with pytest.raises(ValueError, match="rounds=0"):
+        interleaved(works, rounds=0)
 
 
 def test_peak_memory_sees_a_large_allocation():

@@ -69,3 +69,14 @@ def test_text_prompts_with_tokenizer_and_eager():
     for name in ("cache", "past_key_values"):  # either spelling of the cache argument
         with pytest.raises(ValueError, match="builds the cache itself"):
             prepacked_generate(model, texts, tokenizer, **{name: None})
+
+
+@pytest.mark.real
+def test_benchmark_quick_run():
+    from hf_efficient.bench import prepack
+
+    report = prepack.run(quick=True)
+    padded, packed = report.rows
+    assert padded["speedup"] == 1.0 and packed["token_slots"] < padded["token_slots"]
+    assert packed["speedup"] > 0 and packed["prefill_s"] > 0
+    assert "SmolLM2-135M" in report.setup and "test split" in report.setup

@@ -461,14 +461,18 @@ def test_distill_drafter_recipe(tmp_path):
     assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == len(tokenizer)
 
 
-@pytest.mark.reference
+@pytest.mark.real
+@pytest.mark.slow  # about a minute: SmolLM2 in two dtypes, every setting once
 def test_bench_quick():
     from hf_efficient.bench import speculative
 
     report = speculative.run(quick=True)
-    methods = {row["method"] for row in report.rows}
-    assert {"HF plain", "TokenRecycling", "DraftModel (drafter)", "HF assisted (drafter)"} <= methods
-    assert all(row["mean_accepted"] >= 1.0 for row in report.rows if row["method"] != "HF plain")
+    settings = {row["setting"] for row in report.rows}
+    assert settings == {"bf16 greedy", "bf16 sample T=0.8", "fp32 greedy", "fp32 sample T=0.8", "bf16 greedy, batch 4"}
+    assert {row["method"] for row in report.rows} == {"plain generate", "HF prompt lookup", "TokenRecycling"}
+    assert all(row["mean_accepted"] >= 1.0 for row in report.rows if "batch" not in row["setting"])
+    fp32_greedy = [row for row in report.rows if row["setting"] == "fp32 greedy"]
+    assert all(row["identical"] == f"{row['prompts']}/{row['prompts']}" for row in fp32_greedy)  # lossless
 
 
 def test_trim_drafter_vocab_keeps_frequent_and_special_tokens():

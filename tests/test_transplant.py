@@ -110,12 +110,16 @@ def test_bad_arguments(old_tokenizer, new_tokenizer):
         transplant_tokenizer(model, old_tokenizer, new_tokenizer, donor=tiny_causal_lm("llama", vocab_size=64))
 
 
-@pytest.mark.slow  # ~20 s of CPU: MiniLM and the reference target
-@pytest.mark.reference
+@pytest.mark.real
+@pytest.mark.slow  # ~1 min of CPU: MiniLM and SmolLM2-135M-Instruct (ByteLevelSampler: seconds per byte)
 def test_benchmark_quick_run():
     from hf_efficient.bench import tokenization
 
     report = tokenization.run(quick=True)
     parts = {row["part"] for row in report.rows}
-    assert {"a MiniLM", "b target prefill", "c transplant", "d mid-word prompts", "e merge speed"} <= parts
+    assert {"a MiniLM", "b SmolLM2 prefill", "c transplant", "d mid-word prompts", "e merge speed"} <= parts
     assert all(row["value"] == row["value"] for row in report.rows)  # no NaN
+    prefill = [row for row in report.rows if row["part"] == "b SmolLM2 prefill"]
+    assert {row["method"] for row in prefill} >= {"original", "FVT"}
+    assert all(row["speedup"] > 0 for row in prefill)  # interleaved prefill timing on every setting
+    assert "test split" in report.setup and "SmolLM2-135M-Instruct" in report.setup and "bfloat16" in report.setup

@@ -32,7 +32,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["BenchReport", "ForwardCounter", "Measurement", "machine_info", "measure", "ratio", "synchronize"]
+__all__ = [
+    "BenchReport",
+    "ForwardCounter",
+    "Interleaved",
+    "Measurement",
+    "interleaved",
+    "machine_info",
+    "measure",
+    "ratio",
+    "synchronize",
+]
 
 
 def synchronize(device: str) -> None:
@@ -128,6 +138,67 @@ def measure(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 3, device:
     return Measurement(statistics.median(times), times, peak, result)
 
 
+@dataclass
+class Interleaved:
+    """Timings of several callables run in interleaved rounds (see `interleaved`).
+
+    Attributes:
+        times_s (`dict[str, list[float]]`): per name, the seconds of each round, in round order.
+        results (`dict[str, list[Any]]`): per name, the return value of each round, in round order.
+    """
+
+    times_s: dict[str, list[float]]
+    results: dict[str, list[Any]] = field(repr=False, default_factory=dict)
+
+    def median_s(self, name: str) -> float:
+        """Median seconds of `name` over the rounds."""
+        return statistics.median(self.times_s[name])
+
+    def per_round(self, name: str, baseline: str, amount: Callable[[Any], float] | None = None) -> list[float]:
+        """Per round, `name`'s throughput over `baseline`'s: `baseline time / name time`, or with `amount` (work
+        done, read from a round's result, e.g. new tokens) `(amount / time)` over `(amount / time)`."""
+        rates = []
+        for t_base, t_name, r_base, r_name in zip(
+            self.times_s[baseline], self.times_s[name], self.results[baseline], self.results[name], strict=True
+        ):
+            work_base, work_name = (amount(r_base), amount(r_name)) if amount else (1.0, 1.0)
+            rates.append((work_name / t_name) / (work_base / t_base))
+        return rates
+
+    def speedup(self, name: str, baseline: str, amount: Callable[[Any], float] | None = None) -> float:
+        """Median over rounds of `per_round`: each round's ratio compares runs made moments apart, so drift of
+        the machine's speed over the benchmark cancels."""
+        return statistics.median(self.per_round(name, baseline, amount))
+
+
+def interleaved(
+    works: dict[str, Callable[[], Any]], *, rounds: int = 3, warmup: int = 1, device: str = "cpu"
+) -> Interleaved:
+    """Time every callable once per round, rounds after one another: A B C, B C A, C A B, ...
+
+    The order rotates each round, so no method always runs first (after a pause) or last. `warmup` untimed
+    rounds come first. Report ratios with `Interleaved.speedup` (median of per-round ratios), never a ratio of
+    two medians taken minutes apart.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds} must be >= 1")
+    names = list(works)
+    for _ in range(warmup):
+        for name in names:
+            works[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    results: dict[str, list[Any]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            synchronize(device)
+            start = time.perf_counter()
+            result = works[name]()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+            results[name].append(result)
+    return Interleaved(times, results)
+
+
 def machine_info(device: str = "cpu") -> dict[str, Any]:
     """Machine, device and library versions, recorded with every report."""
     import transformers
@@ -208,17 +279,27 @@ class BenchReport:
             lines += ["", *[f"- {note}" for note in self.notes]]
         return "\n".join(lines) + "\n"
 
-    def bar_plot(self, metric: str, *, group: str | None = None, label: str = "method", log: bool = False) -> None:
-        """Set the plot to a grouped bar chart of `metric`, one bar per `label`, grouped by `group`."""
+    def bar_plot(
+        self,
+        metric: str,
+        *,
+        group: str | None = None,
+        label: str = "method",
+        log: bool = False,
+        where: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> None:
+        """Set the plot to a grouped bar chart of `metric`, one bar per `label`, grouped by `group`, over the rows
+        `where` accepts (default: all)."""
 
         def draw(fig: Any) -> None:
             ax = fig.add_subplot(1, 1, 1)
-            groups = [None] if group is None else list(dict.fromkeys(row[group] for row in self.rows))
-            labels = list(dict.fromkeys(row[label] for row in self.rows))
+            rows = [row for row in self.rows if where is None or where(row)]
+            groups = [None] if group is None else list(dict.fromkeys(row[group] for row in rows))
+            labels = list(dict.fromkeys(row[label] for row in rows))
             width = 0.8 / max(len(labels), 1)
             for i, name in enumerate(labels):
                 values = [
-                    next((r[metric] for r in self.rows if r[label] == name and (g is None or r[group] == g)), 0.0)
+                    next((r[metric] for r in rows if r[label] == name and (g is None or r[group] == g)), 0.0)
                     for g in groups
                 ]
                 ax.bar([x + i * width for x in range(len(groups))], values, width, label=str(name))

@@ -1,159 +1,203 @@
-"""Speculative drafters against Hugging Face's decoding strategies on the reference target.
+"""Speculative decoding on the real SmolLM2-135M-Instruct, per Spec-Bench category, against plain `generate`.
 
-Plain `generate` (greedy, or sampling at T=0.8), HF prompt lookup and HF assisted generation (reference
-drafter; both batch 1 only in HF) against `TokenRecycling` and `DraftModel` (dynamic tree, adaptive depth),
-on code and prose prompts from the validation split, batch 1 and 4. Reports tokens/s, the speedup over the
-plain strategy of the same decoding and batch in the same run, and mean accepted tokens (new tokens per
-target forward per row). A distilled drafter (`recipes/distill_drafter.py`) is included when it was built.
+The chat prompt set (`bench/chat_prompts.py`: six categories, 2 validation + 8 test conversations each) goes
+through the chat template. Methods: plain `generate` (the baseline, same dtype and decoding), HF prompt lookup
+and `TokenRecycling`. Every prompt is one interleaved round (each method once, in rotating order); a speedup is
+the median of the per-round ratios of new tokens per second. EOS is allowed, as in real use.
+
+Frozen before measuring: the budgets below, and TokenRecycling's tree, picked among `TREE_CANDIDATES` on the
+validation conversations only. TokenRecycling's state is learned on the validation conversations and every
+measured run starts from a copy of it (a server that has seen other requests, never the measured answer).
+
+Settings: bf16 greedy on all 48 test prompts (the per-category table); fp32 greedy, bf16 and fp32 sampling on
+`SECONDARY_PER_CATEGORY` test prompts per category; batch 4 with left padding, bf16 greedy. `identical` is the
+share of prompts whose greedy output equals plain `generate`'s in the same dtype (fp32: must be 1; bf16: ties
+between near-equal logits may resolve differently when many tokens are verified at once).
+No same-tokenizer drafter exists for SmolLM2 yet, so `DraftModel` and HF assisted generation are not run here.
 """
 
 from __future__ import annotations
 
 import copy
+import statistics
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from .harness import BenchReport, ForwardCounter, measure, ratio
-from .prompts import validation_prompts
+from .chat_prompts import CATEGORIES, chat_prompts
+from .harness import BenchReport, ForwardCounter, interleaved
 
-DESCRIPTION = "TokenRecycling / DraftModel vs HF greedy, prompt lookup and assisted generation (reference target)"
+DESCRIPTION = "TokenRecycling vs plain generate and HF prompt lookup on SmolLM2-135M-Instruct, per chat category"
 
-PROMPT_LOOKUP_TOKENS = 10  # as in the baseline benchmark
-WARMUP_DOCUMENTS = 8  # other validation documents TokenRecycling's state is learned on before the measured runs
+MODEL = "smollm2-135m"
+MAX_NEW_TOKENS = 128
+PROMPT_LOOKUP_TOKENS = 10  # HF's documented default
+TREE_CANDIDATES: tuple[int | str, ...] = (3, 4, 8, "auto")  # TokenRecycling tree sizes tried on validation
 SAMPLING = {"do_sample": True, "temperature": 0.8}
+SECONDARY_PER_CATEGORY = 2  # test prompts per category for fp32 and sampling
+BATCH = 4
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def distilled_drafter_path() -> Path:
-    """Where `recipes/distill_drafter.py` saves the distilled reference drafter by default (keyed by both the
-    student's and the teacher's recipe, so a retrained target or drafter is distilled again)."""
-    from hf_efficient.reference import cache_dir, reference_key
-
-    return cache_dir() / f"drafter-distilled-{reference_key('drafter')}-from-{reference_key('target')}"
-
-
-def _methods(drafters: dict[str, torch.nn.Module], batch: int, recycling) -> dict[str, dict[str, Any]]:
-    """`generate` keyword arguments per method; `recycling` is a warmed `TokenRecycling`, copied for every run."""
-    from hf_efficient.speculative import DraftModel
-
-    methods: dict[str, dict[str, Any]] = {"HF plain": {}}
-    if batch == 1:  # HF's speculative paths refuse batch > 1
-        methods["HF prompt lookup"] = {"prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS}
-        for name, drafter in drafters.items():
-            methods[f"HF assisted ({name})"] = {"assistant_model": drafter}
-    methods["TokenRecycling"] = {"custom_generate": recycling}
-    for name, drafter in drafters.items():
-        methods[f"DraftModel ({name})"] = {"custom_generate": DraftModel(drafter)}
-    return methods
-
-
-def _work(model, tokenizer, prompts: list[str], batch: int, device: str, max_new_tokens: int, kwargs) -> Callable:
-    from hf_efficient.speculative import TokenRecycling
-
+def _encode(tokenizer, conversations: list[list[dict[str, str]]], device: str) -> dict[str, torch.Tensor]:
+    """A left-padded batch of chat-templated conversations."""
+    texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
     tokenizer.padding_side = "left"
-    chunks = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
-    encoded = [tokenizer(chunk, return_tensors="pt", padding=True).to(device) for chunk in chunks]
-    recycling = kwargs.get("custom_generate")
-    recycling = recycling if isinstance(recycling, TokenRecycling) else None
+    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
 
-    def run() -> int:
-        new_tokens = 0
-        # every run starts from the same recycling state: repeats must not recycle the measured outputs themselves
-        run_kwargs = kwargs | ({"custom_generate": copy.deepcopy(recycling)} if recycling is not None else {})
-        with torch.inference_mode():
-            for inputs in encoded:
-                out = model.generate(
-                    **inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, **run_kwargs
-                )
-                new_tokens += (out.shape[-1] - inputs["input_ids"].shape[-1]) * out.shape[0]
-        return new_tokens
+
+def _generation(model, inputs: dict[str, torch.Tensor], kwargs: dict[str, Any], recycling=None) -> Callable:
+    """One `generate` call; returns `(output ids, new tokens, target forwards)`. TokenRecycling runs from a copy of
+    `recycling`, so every run starts from the same learned state."""
+
+    def run() -> tuple[torch.Tensor, int, int]:
+        extra = {"custom_generate": copy.deepcopy(recycling)} if recycling is not None else {}
+        with torch.inference_mode(), ForwardCounter(model) as counter:
+            out = model.generate(**inputs, **kwargs, **extra)
+        new = out[:, inputs["input_ids"].shape[1] :]
+        if model.generation_config.eos_token_id is not None:  # count up to each row's EOS
+            eos = torch.tensor(model.generation_config.eos_token_id, device=new.device).flatten()
+            done = torch.isin(new, eos).long().cumsum(-1)
+            new_tokens = int(((done == 0) | ((done == 1) & torch.isin(new, eos))).sum())
+        else:
+            new_tokens = new.numel()
+        return out, new_tokens, counter.calls
 
     return run
 
 
-def run(device: str = "cpu", quick: bool = False) -> BenchReport:
-    from transformers import AutoModelForCausalLM
-
-    from hf_efficient.reference import reference_model
-
-    model, tokenizer = reference_model("target")
-    drafter, _ = reference_model("drafter")
-    drafters = {"drafter": drafter.to(device).eval()}
-    if (distilled_drafter_path() / "config.json").is_file():
-        drafters["distilled"] = AutoModelForCausalLM.from_pretrained(distilled_drafter_path()).to(device).eval()
-    model = model.to(device).eval()
-    n_prompts, max_new_tokens, repeats = (1, 16, 1) if quick else (4, 64, 3)
-    batches = (1,) if quick else (1, 4)
-    decodings = {"greedy": {"do_sample": False}} | ({} if quick else {"sample T=0.8": SAMPLING})
-    report = BenchReport(
-        "speculative",
-        "Speculative drafters vs Hugging Face decoding on the reference target",
-        device=device,
-        setup=f"Reference `target`; drafters: {', '.join(drafters)}; {n_prompts} validation prompts of 128 tokens "
-        f"per kind, {max_new_tokens} new tokens each (EOS suppressed), batches {batches}, median of {repeats} "
-        f"runs after one warm-up run. TokenRecycling starts every run from the state it learned generating from "
-        f"{WARMUP_DOCUMENTS} other validation documents of the kind (as a server that has seen other requests), "
-        "never from the measured prompts' own outputs.",
-    )
-    for kind in ("code", "prose"):
-        prompts = validation_prompts(tokenizer, kind, n_prompts + WARMUP_DOCUMENTS)
-        prompts, warmup_prompts = prompts[:n_prompts], prompts[n_prompts:]
-        for decoding, decoding_kwargs in decodings.items():
-            recycling = _warmed_recycling(model, tokenizer, warmup_prompts, device, max_new_tokens, decoding_kwargs)
-            for batch in batches:
-                plain_s = None
-                for method, kwargs in _methods(drafters, batch, recycling).items():
-                    work = _work(model, tokenizer, prompts, batch, device, max_new_tokens, kwargs | decoding_kwargs)
-                    timing = measure(work, warmup=1, repeats=repeats, device=device)
-                    with ForwardCounter(model) as counter:
-                        new_tokens = work()
-                    plain_s = plain_s or timing.median_s
-                    rows_per_forward = min(batch, len(prompts))
-                    report.add_row(
-                        {
-                            "kind": kind,
-                            "decoding": decoding,
-                            "batch": batch,
-                            "method": method,
-                            "tokens_per_s": timing.result / timing.median_s,
-                            "speedup": ratio(plain_s, timing.median_s),
-                            "mean_accepted": new_tokens / (counter.calls * rows_per_forward),
-                        }
-                    )
-    _note_targets(report)
-    report.bar_plot("speedup", group="kind")
-    report.note("speedup = plain generate time / method time for the same kind, decoding and batch, same process.")
-    report.note("mean_accepted = new tokens per target forward per row (plain decoding: 1).")
-    return report
+def _methods(batch: int, recycling) -> dict[str, tuple[dict[str, Any], Any]]:
+    """`generate` kwargs and recycling state per method (HF prompt lookup refuses batch > 1)."""
+    methods: dict[str, tuple[dict[str, Any], Any]] = {"plain generate": ({}, None)}
+    if batch == 1:
+        methods["HF prompt lookup"] = ({"prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS}, None)
+    methods["TokenRecycling"] = ({}, recycling)
+    return methods
 
 
-def _warmed_recycling(model, tokenizer, prompts: list[str], device: str, max_new_tokens: int, decoding_kwargs):
-    """A `TokenRecycling` whose state was learned generating from `prompts` one at a time."""
+def _rounds(model, batches: list[dict[str, torch.Tensor]], decoding: dict[str, Any], recycling) -> dict[str, Any]:
+    """Every batch is one interleaved round of every method; per method: per-round speedups over plain, tokens/s,
+    tokens per target forward per row, and the share of rows whose output equals plain's."""
+    per_method: dict[str, dict[str, list]] = {}
+    for inputs in batches:
+        methods = _methods(inputs["input_ids"].shape[0], recycling)
+        works = {name: _generation(model, inputs, decoding | kw, state) for name, (kw, state) in methods.items()}
+        timing = interleaved(works, rounds=1, warmup=0)
+        plain_out = timing.results["plain generate"][0][0]
+        for name in works:
+            out, new_tokens, forwards = timing.results[name][0]
+            stats = per_method.setdefault(name, {"speedup": [], "tps": [], "accepted": [], "identical": []})
+            stats["speedup"] += timing.per_round(name, "plain generate", amount=lambda r: r[1])
+            stats["tps"].append(new_tokens / timing.times_s[name][0])
+            stats["accepted"].append(new_tokens / (forwards * out.shape[0]))
+            same_shape = out.shape == plain_out.shape
+            stats["identical"] += [same_shape and torch.equal(a, b) for a, b in zip(out, plain_out)]
+    return per_method
+
+
+def _validation(quick: bool) -> list[list[dict[str, str]]]:
+    """The validation conversations: TokenRecycling learns its state and the tree is chosen on them only."""
+    conversations = [c for category in CATEGORIES for c in chat_prompts(category, "validation")]
+    return conversations[:2] if quick else conversations
+
+
+def _warmed(model, tokenizer, device: str, decoding: dict[str, Any], tree: int | str, quick: bool):
+    """A `TokenRecycling` whose state was learned answering the validation conversations (never the test ones)."""
     from hf_efficient.speculative import TokenRecycling
 
-    recycling = TokenRecycling()
+    recycling = TokenRecycling(tree=tree)
     with torch.inference_mode():
-        for prompt in prompts:
-            inputs = tokenizer(prompt, return_tensors="pt").to(device)
-            model.generate(**inputs, max_new_tokens=max_new_tokens, custom_generate=recycling, **decoding_kwargs)
+        for conversation in _validation(quick):
+            model.generate(**_encode(tokenizer, [conversation], device), custom_generate=recycling, **decoding)
     return recycling
 
 
-def _note_targets(report: BenchReport) -> None:
-    """Derived ratios the issue sets targets for (TokenRecycling vs prompt lookup, DraftModel vs HF assisted)."""
-    table = {(r["kind"], r["decoding"], r["batch"], r["method"]): r for r in report.rows}
-    for (kind, decoding, batch, method), row in table.items():
-        if method == "TokenRecycling" and (lookup := table.get((kind, decoding, batch, "HF prompt lookup"))):
-            report.note(
-                f"{kind}, {decoding}, batch {batch}: TokenRecycling / HF prompt lookup = "
-                f"{ratio(row['tokens_per_s'], lookup['tokens_per_s']):.2f}x"
-            )
-        if method.startswith("DraftModel (") and (
-            assisted := table.get((kind, decoding, batch, method.replace("DraftModel", "HF assisted")))
-        ):
-            report.note(
-                f"{kind}, {decoding}, batch {batch}: {method} / HF assisted with the same drafter = "
-                f"{ratio(row['tokens_per_s'], assisted['tokens_per_s']):.2f}x"
-            )
+def _pick_tree(model, tokenizer, device: str, greedy: dict[str, Any], quick: bool) -> tuple[int | str, dict]:
+    """The tree size with the best median speedup over plain greedy on the validation conversations (the state
+    is learned on the same conversations first, so this slightly favours recycling; the test split is unseen)."""
+    batches = [_encode(tokenizer, [c], device) for c in _validation(quick)]
+    recycling = _warmed(model, tokenizer, device, greedy, TREE_CANDIDATES[0], quick)
+    scores = {}
+    for tree in TREE_CANDIDATES[:1] if quick else TREE_CANDIDATES:
+        candidate = copy.deepcopy(recycling)
+        candidate.tree = tree
+        rounds = _rounds(model, batches, greedy, candidate)
+        scores[tree] = statistics.median(rounds["TokenRecycling"]["speedup"])
+    return max(scores, key=scores.get), scores
+
+
+def _add_rows(report: BenchReport, setting: dict[str, Any], per_method: dict[str, dict[str, list]], greedy: bool):
+    for name, stats in per_method.items():
+        report.add_row(
+            setting
+            | {
+                "method": name,
+                "prompts": len(stats["identical"]),
+                "tokens_per_s": statistics.median(stats["tps"]),
+                "speedup": statistics.median(stats["speedup"]),
+                "mean_accepted": statistics.mean(stats["accepted"]),
+                "identical": f"{sum(stats['identical'])}/{len(stats['identical'])}" if greedy else "sampled",
+            }
+        )
+
+
+def run(device: str = "cpu", quick: bool = False) -> BenchReport:
+    from hf_efficient.reference import reference_model
+
+    models = {name: reference_model(MODEL, dtype=dtype)[0].to(device).eval() for name, dtype in DTYPES.items()}
+    tokenizer = reference_model(MODEL)[1]
+    budget = {"max_new_tokens": 16 if quick else MAX_NEW_TOKENS}
+    greedy, sampling = {"do_sample": False} | budget, SAMPLING | budget
+    tree, tree_scores = _pick_tree(models["bf16"], tokenizer, device, greedy, quick)
+    per_category = 1 if quick else None
+    secondary = 1 if quick else SECONDARY_PER_CATEGORY
+    categories = CATEGORIES[:2] if quick else CATEGORIES
+    report = BenchReport(
+        "speculative",
+        "Speculative decoding on SmolLM2-135M-Instruct: chat prompts per Spec-Bench category",
+        device=device,
+        setup=f"SmolLM2-135M-Instruct (real, converted from its GGUF file), batch 1 unless stated; the project's "
+        f"chat prompt set, test split (8 conversations per category), through the chat template; up to "
+        f"{MAX_NEW_TOKENS} new tokens, EOS allowed. Each prompt is one interleaved round of every method (rotating "
+        "order); speedup = median over rounds of (method tokens/s) / (plain tokens/s) in the same dtype and "
+        f"decoding; tokens_per_s = median over prompts. HF prompt lookup: {PROMPT_LOOKUP_TOKENS} tokens. "
+        f"TokenRecycling: tree {tree!r}, chosen on the validation split before measuring, state learned on the "
+        "validation conversations. bf16 greedy on every test prompt; fp32 and sampling (T=0.8) on "
+        f"{SECONDARY_PER_CATEGORY} test prompts per category; batch {BATCH} (left padding) bf16 greedy.",
+    )
+    report.note(
+        "tree chosen on validation (median speedup over plain, bf16 greedy): "
+        + ", ".join(f"{t!r} {s:.2f}x" for t, s in tree_scores.items())
+    )
+    recycling = _warmed(models["bf16"], tokenizer, device, greedy, tree, quick)
+    overall: dict[str, dict[str, list]] = {}
+    for category in categories:
+        batches = [_encode(tokenizer, [c], device) for c in chat_prompts(category, "test")[:per_category]]
+        per_method = _rounds(models["bf16"], batches, greedy, recycling)
+        _add_rows(report, {"setting": "bf16 greedy", "category": category}, per_method, greedy=True)
+        for name, stats in per_method.items():
+            for key, values in stats.items():
+                overall.setdefault(name, {}).setdefault(key, []).extend(values)
+    _add_rows(report, {"setting": "bf16 greedy", "category": "all"}, overall, greedy=True)
+    subset = [c for category in categories for c in chat_prompts(category, "test")[:secondary]]
+    for dtype in DTYPES:
+        for decoding_name, decoding in (("greedy", greedy), ("sample T=0.8", sampling)):
+            if (dtype, decoding_name) == ("bf16", "greedy"):
+                continue
+            state = _warmed(models[dtype], tokenizer, device, decoding, tree, quick)
+            batches = [_encode(tokenizer, [c], device) for c in subset]
+            per_method = _rounds(models[dtype], batches, decoding, state)
+            setting = {"setting": f"{dtype} {decoding_name}", "category": "all"}
+            _add_rows(report, setting, per_method, greedy=decoding_name == "greedy")
+    chunks = [subset[i : i + BATCH] for i in range(0, len(subset) - BATCH + 1, BATCH)] or [subset]
+    batches = [_encode(tokenizer, chunk, device) for chunk in chunks]
+    per_method = _rounds(models["bf16"], batches, greedy, recycling)
+    _add_rows(report, {"setting": f"bf16 greedy, batch {BATCH}", "category": "all"}, per_method, greedy=True)
+    report.bar_plot("speedup", group="category", where=lambda row: row["setting"] == "bf16 greedy")
+    report.note("speedup: 1.00 = as fast as plain generate in the same dtype and decoding; below 1 is a slowdown.")
+    report.note(
+        "mean_accepted = new tokens per target forward per row (plain decoding: 1 at batch 1; at batch 4 rows that "
+        "stop early at EOS count as idle, so plain is below 1 too)."
+    )
+    return report

@@ -1,5 +1,5 @@
-"""`hf-efficient demo` section for the compressed caches and prepacking: the reference target, then a long chat
-prompt on the real SmolLM2-135M-Instruct (about 30 s on a CPU)."""
+"""`hf-efficient demo` section for the compressed caches and prepacking: a long chat prompt on the real
+SmolLM2-135M-Instruct (about 30 s on a CPU), prepacked prompts, then the self-trained reference target if built."""
 
 from __future__ import annotations
 
@@ -11,13 +11,24 @@ __all__ = ["demo"]
 
 
 def demo() -> None:
-    """Generate with every cache on the reference target, printing bytes held and text; then prepack prompts."""
+    """Every cache on a long SmolLM2 chat prompt (bytes held, time, answer), prepacked prompts, then every cache on
+    the reference target when it is built."""
+    from hf_efficient.reference import demo_trained_model
+    from hf_efficient.reference.real import demo_real_model
+
+    if (real := demo_real_model()) is not None:
+        _real_model_caches(*real)
+        _prepack(*real)
+    if (target := demo_trained_model("target")) is not None:
+        _reference_caches(*target)
+
+
+def _reference_caches(model, tokenizer) -> None:
+    """Generate with every cache on the self-trained reference target, printing bytes held and text."""
     from hf_efficient.cache import GEARCache, HeavyHitterCache, KIVICache, SnapKVCache, StreamingCache
     from hf_efficient.compat import DynamicCache
-    from hf_efficient.prefill import prepacked_generate
-    from hf_efficient.reference import reference_corpus, reference_model
+    from hf_efficient.reference import reference_corpus
 
-    model, tokenizer = reference_model("target")
     document = next(d for d in reference_corpus("validation", "code") if len(d) > 2000)
     ids = tokenizer(document, return_tensors="pt")["input_ids"][:, :96]
     config = model.config
@@ -34,7 +45,13 @@ def demo() -> None:
     print(f"Compressed KV caches on the reference target: {ids.shape[1]}-token code prompt, 12 greedy tokens")
     _compare(model, tokenizer, {"input_ids": ids}, caches, dict(max_new_tokens=12, min_new_tokens=12), 60)
 
-    prose = reference_corpus("validation", "prose")[:6]
+
+def _prepack(model, tokenizer) -> None:
+    """Prefill prompts of different lengths packed into rows; the greedy tokens equal one-by-one `generate`'s."""
+    from hf_efficient.prefill import prepacked_generate
+    from hf_efficient.reference import reference_corpus
+
+    prose = reference_corpus("test", "prose")[:6]
     prompts = [tokenizer(text)["input_ids"][: 16 + 24 * i] for i, text in enumerate(prose)]
     start = time.perf_counter()
     packed = prepacked_generate(model, prompts, max_new_tokens=4, do_sample=False)
@@ -46,7 +63,7 @@ def demo() -> None:
             attention_mask=torch.ones(1, len(p), dtype=torch.long),
             max_new_tokens=4,
             do_sample=False,
-            pad_token_id=config.pad_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         )[0]
         for p in prompts
     ]
@@ -57,7 +74,6 @@ def demo() -> None:
         f"Prepacking {len(prompts)} prompts of {min(lengths)}-{max(lengths)} tokens: {packed_s:.2f}s packed vs "
         f"{alone_s:.2f}s one by one; greedy outputs identical for {same}/{len(prompts)}"
     )
-    _real_model_caches()
 
 
 def _held_bytes(cache) -> int:
@@ -84,17 +100,12 @@ def _compare(model, tokenizer, inputs: dict, caches: dict, generate_kwargs: dict
         print(f"  {name:<30} {held / 1024:8.1f} KiB ({held / baseline:6.1%})  {seconds:5.2f}s  {text!r}")
 
 
-def _real_model_caches() -> None:
+def _real_model_caches(model, tokenizer) -> None:
     """A long chat prompt (a test-split document to summarize) on the real SmolLM2-135M-Instruct."""
     from hf_efficient.cache import GEARCache, KIVICache, SnapKVCache, StreamingCache
     from hf_efficient.compat import DynamicCache
     from hf_efficient.reference import reference_corpus
-    from hf_efficient.reference.real import demo_real_model
 
-    loaded = demo_real_model()
-    if loaded is None:
-        return
-    model, tokenizer = loaded
     document = next(d for d in reference_corpus("test", "prose") if len(d) > 3000)[:3000]
     chat = [{"role": "user", "content": f"Summarize this text in two sentences:\n\n{document}"}]
     inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True, return_tensors="pt")

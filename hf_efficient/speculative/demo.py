@@ -14,14 +14,19 @@ __all__ = ["demo"]
 
 
 def demo() -> None:
-    """Decode one code prompt with plain greedy, `TokenRecycling` and `DraftModel`; print speed and acceptance."""
-    from hf_efficient.bench.prompts import validation_prompts
-    from hf_efficient.reference import reference_model
+    """A streamed SmolLM2 chat answer through `TokenRecycling`; then, when the self-trained models are built, one code
+    prompt with plain greedy, `TokenRecycling` and `DraftModel`, printing speed and acceptance."""
+    from hf_efficient.bench.prompts import corpus_prompts
+    from hf_efficient.reference import demo_trained_model
     from hf_efficient.speculative import DraftModel, TokenRecycling
 
-    model, tokenizer = reference_model("target")
-    drafter, _ = reference_model("drafter")
-    inputs = tokenizer(validation_prompts(tokenizer, "code", 1)[0], return_tensors="pt")
+    _real_chat()
+    target, drafter = demo_trained_model("target"), demo_trained_model("drafter")
+    if target is None or drafter is None:
+        return
+    (model, tokenizer), (drafter, _) = target, drafter
+    print("\nself-trained reference target (code) with TokenRecycling and a self-trained DraftModel drafter:")
+    inputs = tokenizer(corpus_prompts(tokenizer, "code", 1, "validation")[0], return_tensors="pt")
     kwargs = dict(max_new_tokens=48, do_sample=False)
     recycling = TokenRecycling()
     model.generate(**inputs, max_new_tokens=8, custom_generate=recycling)  # plans its tree for this machine
@@ -40,7 +45,6 @@ def demo() -> None:
             f"identical to plain greedy: {torch.equal(out, reference)}"
         )
     print(f"continuation: {tokenizer.decode(reference[0, inputs['input_ids'].shape[1] :])!r}")
-    _real_chat()
 
 
 def _real_chat() -> None:

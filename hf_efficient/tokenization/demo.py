@@ -44,15 +44,13 @@ def _encoder_demo() -> None:
 
 
 def _byte_demo() -> None:
-    from hf_efficient.reference import reference_model
+    from hf_efficient.reference import demo_trained_model
 
     from .byte_probabilities import ByteLevelSampler
 
-    try:
-        model, tokenizer = reference_model("target", build=False)
-    except FileNotFoundError:
-        print("reference target not built yet (`hf-efficient demo` builds it first): byte-level part skipped")
+    if (target := demo_trained_model("target")) is None:
         return
+    model, tokenizer = target
     sampler = ByteLevelSampler(model, tokenizer)
     print("\nreference target, prompts cut inside a word: greedy tokens vs exact byte-level completion")
     for prompt in ("def read_lines(pa", "    return sel", "The module provides funct"):

@@ -80,9 +80,17 @@ def _mean_rows(table: torch.Tensor, pieces: list[list[int]]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _hidden_features(model: PreTrainedModel, pieces: list[list[int]], batch_size: int = 256) -> torch.Tensor:
-    """Last hidden state of `model` after reading each decomposition; `(n, E)`."""
+def _hidden_features(
+    model: PreTrainedModel, pieces: list[list[int]], prefix: list[int], batch_size: int = 256
+) -> torch.Tensor:
+    """Last hidden state of `model` after reading `prefix` then each decomposition; `(n, E)`.
+
+    The prefix keeps every decomposition off position 0: a model's first position is its attention sink, whose
+    hidden state barely depends on the token (massive activations), so single-token anchors read there would be
+    near-collinear atoms and OMP's least squares would return huge coefficients.
+    """
     features = []
+    pieces = [prefix + p for p in pieces]
     for start in range(0, len(pieces), batch_size):
         chunk = pieces[start : start + batch_size]
         length = max(len(p) for p in chunk)
@@ -172,7 +180,14 @@ def transplant_tokenizer(
                 space = donor.get_input_embeddings().weight.detach().float()  # (V_new, D_donor)
                 target_features, anchor_features = space[targets], space[shared_new]
             else:
-                features = _hidden_features(model, [pieces[row] for row in solvable] + [[i] for i in shared_old])
+                sink = (
+                    old_tokenizer.bos_token_id
+                    if old_tokenizer.bos_token_id is not None
+                    else old_tokenizer.eos_token_id
+                )
+                prefix = [] if sink is None else [sink]
+                reads = [pieces[row] for row in solvable] + [[i] for i in shared_old.tolist()]
+                features = _hidden_features(model, reads, prefix)
                 target_features, anchor_features = features[: len(solvable)], features[len(solvable) :]
             idx, coef = batched_omp(target_features, anchor_features, k)  # (n, k) each
             for table, new in zip(tables, news):
