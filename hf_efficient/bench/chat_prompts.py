@@ -211,12 +211,14 @@ def chat_prompts(category: str, split: Split = "test") -> list[list[dict[str, st
     )
 
 
-def chat_inputs(tokenizer, conversation: list[dict[str, str]]) -> dict:
-    """`input_ids` and `attention_mask` `(1, L)` of `conversation` through the tokenizer's chat template."""
+def chat_inputs(tokenizer, conversations: list[dict[str, str]] | list[list[dict[str, str]]]) -> dict:
+    """`input_ids` and `attention_mask` `(B, L)` of one conversation (B = 1) or a list of them, through the
+    tokenizer's chat template, left-padded (as `generate` expects for a batch)."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(
             "this tokenizer has no chat template; use a chat model such as reference_model('smollm2-135m')"
         )
-    return tokenizer.apply_chat_template(
-        conversation, add_generation_prompt=True, return_dict=True, return_tensors="pt"
-    )
+    if conversations and isinstance(conversations[0], dict):  # a single conversation
+        conversations = [conversations]
+    texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
+    return tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)

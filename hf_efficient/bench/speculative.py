@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .chat_prompts import CATEGORIES, chat_prompts
+from .chat_prompts import CATEGORIES, chat_inputs, chat_prompts
 from .harness import BenchReport, ForwardCounter, interleaved
 
 DESCRIPTION = "TokenRecycling vs plain generate and HF prompt lookup on SmolLM2-135M-Instruct, per chat category"
@@ -41,10 +41,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def _encode(tokenizer, conversations: list[list[dict[str, str]]], device: str) -> dict[str, torch.Tensor]:
-    """A left-padded batch of chat-templated conversations."""
-    texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
-    tokenizer.padding_side = "left"
-    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    """A left-padded batch of chat-templated conversations on `device`."""
+    return chat_inputs(tokenizer, conversations).to(device)
 
 
 def _generation(model, inputs: dict[str, torch.Tensor], kwargs: dict[str, Any], recycling=None) -> Callable:
