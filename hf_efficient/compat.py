@@ -13,7 +13,14 @@ raises no deprecation warning on any supported release. The helpers live in the 
 import inspect
 import sys
 
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, QuantizedCache
+from transformers.cache_utils import (
+    Cache,
+    CacheLayerMixin,
+    DynamicCache,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    QuantizedCache,
+)
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
@@ -40,6 +47,7 @@ __all__ = [
     "CacheLayerMixin",
     "DynamicCache",
     "DynamicLayer",
+    "DynamicSlidingWindowLayer",
     "GenerateDecoderOnlyOutput",
     "QuantizedCache",
     "accepts_cache",

@@ -16,6 +16,8 @@ import functools
 
 import torch
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -82,6 +84,24 @@ def tiny_causal_lm(
         for param in model.parameters():
             if param.dim() >= 2:
                 param.mul_(10.0)  # std 0.2: peaked, still numerically tame in bf16
+    return model.to(dtype).eval()
+
+
+def tiny_hybrid_lm(sliding_window: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A tiny random Gemma-3 text model: sliding-window and full-attention layers mixed (`config.layer_types`)."""
+    config = Gemma3TextConfig(
+        **{**_DEFAULTS, "num_hidden_layers": 4},
+        head_dim=8,
+        sliding_window=sliding_window,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.mul_(10.0)  # peaked distributions, as in `tiny_causal_lm`
     return model.to(dtype).eval()
 
 

@@ -36,7 +36,17 @@ HF_BACKENDS = (
 # frozen budgets: (prompt tokens, teacher-forced continuation tokens, SnapKV observation window, texts per kind)
 MODELS = {"smollm2-135m": (1024, 128, 32, 2), "gemma3-270m": (1024, 128, 32, 1)}
 # on Gemma-3 (slower forward, 262k vocabulary) the methods that show the sliding-window question
-GEMMA_METHODS = ("DynamicCache", "KIVI 4-bit", "KIVI 2-bit", "GEAR 4-bit", "Streaming 50%", "H2O 50%", "SnapKV 50%")
+GEMMA_METHODS = (
+    "DynamicCache",
+    "KIVI 4-bit",
+    "KIVI 4-bit, full-precision windows",
+    "KIVI 2-bit",
+    "KIVI 2-bit, full-precision windows",
+    "GEAR 4-bit",
+    "Streaming 50%",
+    "H2O 50%",
+    "SnapKV 50%",
+)
 
 
 def held_bytes(cache: Cache) -> int:
@@ -64,6 +74,7 @@ def held_bytes(cache: Cache) -> int:
 def methods(config, prompt_len: int, total_len: int, window: int) -> dict[str, Callable[[], Cache]]:
     """Cache factories by row label; eviction caches hold half of `total_len` tokens at the end."""
     from hf_efficient.cache import GEARCache, HeavyHitterCache, KIVICache, SnapKVCache, StreamingCache
+    from hf_efficient.cache.base import decoder_layer_types
 
     budget = total_len // 2
     factories: dict[str, Callable[[], Cache]] = {"DynamicCache": lambda: DynamicCache(config=config)}
@@ -79,6 +90,11 @@ def methods(config, prompt_len: int, total_len: int, window: int) -> dict[str, C
     shared = {"group_size": GROUP_SIZE, "residual_length": RESIDUAL_LENGTH}
     for bits in (8, 4, 2):
         factories[f"KIVI {bits}-bit"] = lambda b=bits: KIVICache(config, bits=b, **shared)
+    if any(kind == "sliding_attention" for kind, _ in decoder_layer_types(config)):  # compressed windows or not
+        for bits in (4, 2):
+            factories[f"KIVI {bits}-bit, full-precision windows"] = lambda b=bits: KIVICache(
+                config, bits=b, sliding_layers="window", **shared
+            )
     for bits in (4, 2):
         factories[f"GEAR {bits}-bit"] = lambda b=bits: GEARCache(config, bits=b, rank=4, outlier_ratio=0.02, **shared)
     factories["GEAR-L 2-bit"] = lambda: GEARCache(config, bits=2, rank=4, outlier_ratio=0.0, **shared)

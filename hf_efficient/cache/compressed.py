@@ -6,8 +6,12 @@ only says how a `(B, 1, H_kv, R, D)` block of keys and of values is compressed (
 `compress_values`); compressed blocks are concatenated along their block axis, so the whole compressed
 history `(B, n_blocks, H_kv, R, D)` is dequantised in one call per step, whatever its length.
 
-The whole history stays, so positions are contiguous: `get_seq_length()` counts every token and the standard
-causal/padding mask applies unchanged. Attention runs on the dequantised history (no fused kernel).
+On a full-attention layer the whole history stays, so positions are contiguous: `get_seq_length()` counts every
+token and the standard causal/padding mask applies unchanged. On a sliding-window layer (`sliding_window=W`) the
+held tokens are still the most recent contiguous ones: once compressed, a block whose tokens are all older than the
+next query's window is dropped (and, before any block exists, residual tokens older than it), so the layer holds at
+most `W + residual_length` tokens; `get_mask_sizes` reports the offset of the oldest held token, as transformers'
+sliding layers do. Attention runs on the dequantised history (no fused kernel).
 
 Padding never shapes a block: the layer reads which new tokens are padding from the mask of its attention call
 (routed to `attend`, see `scoring.AttentionRoute`), compresses only after that call, and fills padded columns with
@@ -40,6 +44,8 @@ class CompressedBlock(Protocol):
 
     def nbytes(self) -> int: ...
 
+    def drop_leading_blocks(self, count: int) -> CompressedBlock: ...
+
 
 class ResidualCompressedLayer(MeasuredLayer):
     """A cache layer holding compressed blocks of `residual_length` tokens plus a full-precision residual.
@@ -50,14 +56,18 @@ class ResidualCompressedLayer(MeasuredLayer):
 
     Args:
         residual_length (`int`): tokens kept in full precision before a block is compressed.
+        sliding_window (`int`, *optional*): the layer's attention window; tokens that no later query can see are
+            dropped (`None`: a full-attention layer, everything is kept).
     """
 
-    is_sliding = False
     is_croppable = True
 
-    def __init__(self, residual_length: int):
+    def __init__(self, residual_length: int, sliding_window: int | None = None):
         super().__init__()
         self.residual_length = residual_length
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
+        self.stored_tokens = 0  # tokens in the compressed blocks
         self.cumulative_length = 0
         self.record_past = False
         self.key_store: CompressedBlock | None = None  # every compressed block, (B, n_blocks, H_kv, R, D)
@@ -147,7 +157,32 @@ class ResidualCompressedLayer(MeasuredLayer):
             self.value_store = self._append(
                 self.value_store, self.compress_values(block_values.unsqueeze(1).contiguous())
             )
+            self.stored_tokens += self.residual_length
+        if self.sliding_window is not None:
+            self._drop_outside_window()
         self.keys, self.values = self.keys.contiguous(), self.values.contiguous()
+
+    def _drop_outside_window(self) -> None:
+        """Drops held tokens that no later query sees: the next query (position `cumulative_length`) sees positions
+        `> cumulative_length - sliding_window`. Whole compressed blocks go first; residual tokens only once no block
+        is left, so blocks stay aligned to `residual_length` tokens."""
+        oldest_visible = self.cumulative_length - self.sliding_window + 1
+        first_held = self.cumulative_length - self.stored_tokens - self.keys.shape[-2]
+        blocks = min(
+            max(oldest_visible - first_held, 0) // self.residual_length, self.stored_tokens // self.residual_length
+        )
+        if blocks:
+            self.stored_tokens -= blocks * self.residual_length
+            first_held += blocks * self.residual_length
+            if self.stored_tokens:
+                self.key_store = self.key_store.drop_leading_blocks(blocks)
+                self.value_store = self.value_store.drop_leading_blocks(blocks)
+            else:
+                self.key_store = self.value_store = None
+        if not self.stored_tokens and oldest_visible > first_held:
+            drop = oldest_visible - first_held
+            self.keys, self.values = self.keys[..., drop:, :], self.values[..., drop:, :]
+            self.real = self.real[:, drop:]
 
     def activate_past_recording(self, **kwargs) -> None:  # 5.25 passes recurrent_states_to_keep=
         """Defers compression to the next `crop`, so that rolled-back tokens never reach a compressed block."""
@@ -178,15 +213,17 @@ class ResidualCompressedLayer(MeasuredLayer):
         return self.cumulative_length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.cumulative_length + query_length, 0
+        """`(kv_length, kv_offset)`: the held tokens plus the query, and the position of the oldest held token."""
+        held = self.stored_tokens + (self.keys.shape[-2] if self.is_initialized else 0)
+        return held + query_length, self.cumulative_length - held
 
     def get_max_length(self) -> int:
-        return -1
+        return -1 if self.sliding_window is None else self.sliding_window
 
     def reset(self) -> None:
         self.keys = self.values = self.real = None
         self.key_store = self.value_store = None
-        self.cumulative_length = 0
+        self.cumulative_length = self.stored_tokens = 0
         self.is_initialized = self.awaiting_attention = False
 
     def _select_batch(self, index: torch.Tensor) -> None:

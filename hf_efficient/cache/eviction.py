@@ -20,11 +20,14 @@ keeps the top `budget` slots in position order and masks attention itself, so:
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from transformers import PreTrainedConfig
 
-from .base import CompressedKVCache, MeasuredLayer, tensor_nbytes
+from ..compat import CacheLayerMixin
+from .base import CompressedKVCache, MeasuredLayer, SlidingWindowLayer, tensor_nbytes
 from .scoring import grouped_attention, new_token_visibility, sdpa_attention_forward
 
 __all__ = ["EvictionCache", "EvictionLayer"]
@@ -240,9 +243,20 @@ class EvictionCache(CompressedKVCache):
     """A `CompressedKVCache` of eviction layers: they need every attention call (scores, per-slot masks), so models
     whose attention masks cannot be read (not sdpa / eager) are refused.
 
+    A sliding-window layer keeps whichever holds less: its window (`SlidingWindowLayer`, full precision) when the
+    window is at most the policy's budget, else the policy, whose masks apply the window.
+
     Args:
         config (`PreTrainedConfig`): the model's own config object (`model.config`).
         layer_factory (`Callable[[], EvictionLayer]`): builds one layer policy.
     """
 
     needs_attention_call = True
+
+    def __init__(self, config: PreTrainedConfig, layer_factory: Callable[[], EvictionLayer]):
+        budget = layer_factory().budget
+
+        def sliding_layer(window: int) -> CacheLayerMixin:
+            return SlidingWindowLayer(window) if window <= budget else layer_factory()
+
+        super().__init__(config, layer_factory, sliding_layer)

@@ -25,7 +25,7 @@ import torch
 from transformers import PreTrainedConfig
 
 from .base import CompressedKVCache, head_dim_of, kv_heads_of, tensor_nbytes
-from .kivi import KIVILayer, validate_quantization
+from .kivi import KIVILayer, sliding_layer_factory, validate_quantization
 from .quantization import QuantizedTensor, auxiliary_dtype, quantize
 
 __all__ = ["GEARBlock", "GEARCache", "GEARLayer", "gear_compress"]
@@ -85,6 +85,20 @@ class GEARBlock:
             pick(self.right),
             pick(self.outlier_index),
             pick(self.outlier_value),
+        )
+
+    def drop_leading_blocks(self, count: int) -> GEARBlock:
+        """The same blocks without the first `count` (copied, so the dropped storage is freed)."""
+
+        def tail(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[:, count:].clone()
+
+        return GEARBlock(
+            self.quantized.drop_leading_blocks(count),
+            tail(self.left),
+            tail(self.right),
+            tail(self.outlier_index),
+            tail(self.outlier_value),
         )
 
     def nbytes(self) -> int:
@@ -150,6 +164,7 @@ class GEARLayer(KIVILayer):
         rank (`int`): low-rank correction rank.
         outlier_ratio (`float`): fraction of exact outliers.
         iterations (`int`): power iterations.
+        sliding_window (`int`, *optional*): the attention window of a sliding layer (`None`: full attention).
     """
 
     def __init__(
@@ -161,8 +176,9 @@ class GEARLayer(KIVILayer):
         rank: int,
         outlier_ratio: float,
         iterations: int,
+        sliding_window: int | None = None,
     ):
-        super().__init__(bits, group_size, value_group_size, residual_length)
+        super().__init__(bits, group_size, value_group_size, residual_length, sliding_window)
         self.rank, self.outlier_ratio, self.iterations = rank, outlier_ratio, iterations
 
     def compress_keys(self, keys: torch.Tensor) -> GEARBlock:
@@ -186,6 +202,8 @@ class GEARCache(CompressedKVCache):
         group_size (`int`, *optional*, defaults to 64): tokens per key group / channels per value group.
         residual_length (`int`, *optional*, defaults to 64): streaming buffer; a multiple of `group_size`.
         power_iterations (`int`, *optional*, defaults to 3): subspace iterations of the low-rank fit.
+        sliding_layers (`str`, *optional*, defaults to `"compressed"`): the sliding-window layers of hybrid models
+            (Gemma 3) keep their window in full precision (`"window"`) or GEAR-compressed (`"compressed"`).
 
     Example:
 
@@ -205,6 +223,7 @@ class GEARCache(CompressedKVCache):
         group_size: int = 64,
         residual_length: int = 64,
         power_iterations: int = 3,
+        sliding_layers: str = "compressed",
     ):
         value_group = validate_quantization(config, bits, group_size, residual_length)
         limit = min(residual_length, head_dim_of(config) * kv_heads_of(config))
@@ -216,7 +235,9 @@ class GEARCache(CompressedKVCache):
             raise ValueError(f"outlier_ratio={outlier_ratio} must be in [0, 1)")
         if power_iterations < 1:
             raise ValueError(f"power_iterations={power_iterations} must be at least 1")
-        super().__init__(
-            config,
-            lambda: GEARLayer(bits, group_size, value_group, residual_length, rank, outlier_ratio, power_iterations),
-        )
+
+        def layer(window: int | None = None) -> GEARLayer:
+            settings = (rank, outlier_ratio, power_iterations)
+            return GEARLayer(bits, group_size, value_group, residual_length, *settings, window)
+
+        super().__init__(config, layer, sliding_layer_factory(sliding_layers, layer))

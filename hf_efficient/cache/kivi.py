@@ -9,14 +9,33 @@ Paper: Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cach
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers import PreTrainedConfig
 
+from ..compat import CacheLayerMixin
 from .base import CompressedKVCache, head_dim_of
 from .compressed import ResidualCompressedLayer
 from .quantization import SUPPORTED_BITS, QuantizedTensor, quantize
 
-__all__ = ["KIVICache", "KIVILayer", "validate_quantization"]
+__all__ = ["SLIDING_LAYER_CHOICES", "KIVICache", "KIVILayer", "sliding_layer_factory", "validate_quantization"]
+
+SLIDING_LAYER_CHOICES = ("window", "compressed")
+
+
+def sliding_layer_factory(
+    sliding_layers: str, compressed: Callable[[int], ResidualCompressedLayer]
+) -> Callable[[int], CacheLayerMixin] | None:
+    """How a quantised cache builds its sliding-window layers: `None` (the default full-precision window) for
+    `"window"`, `compressed` (the method's layer limited to the window) for `"compressed"`.
+
+    Raises:
+        `ValueError`: for any other value.
+    """
+    if sliding_layers not in SLIDING_LAYER_CHOICES:
+        raise ValueError(f"sliding_layers={sliding_layers!r} is not one of {SLIDING_LAYER_CHOICES}")
+    return compressed if sliding_layers == "compressed" else None
 
 
 def validate_quantization(config: PreTrainedConfig, bits: int, group_size: int, residual_length: int) -> int:
@@ -49,10 +68,18 @@ class KIVILayer(ResidualCompressedLayer):
         group_size (`int`): tokens per key group (and channels per value group, capped at `head_dim`).
         value_group_size (`int`): channels per value group.
         residual_length (`int`): full-precision window, a multiple of `group_size`.
+        sliding_window (`int`, *optional*): the attention window of a sliding layer (`None`: full attention).
     """
 
-    def __init__(self, bits: int, group_size: int, value_group_size: int, residual_length: int):
-        super().__init__(residual_length)
+    def __init__(
+        self,
+        bits: int,
+        group_size: int,
+        value_group_size: int,
+        residual_length: int,
+        sliding_window: int | None = None,
+    ):
+        super().__init__(residual_length, sliding_window)
         self.bits, self.group_size, self.value_group_size = bits, group_size, value_group_size
 
     def compress_keys(self, keys: torch.Tensor) -> QuantizedTensor:
@@ -71,6 +98,8 @@ class KIVICache(CompressedKVCache):
         group_size (`int`, *optional*, defaults to 32): tokens per key group / channels per value group.
         residual_length (`int`, *optional*, defaults to 64): tokens kept in full precision; a multiple of
             `group_size`.
+        sliding_layers (`str`, *optional*, defaults to `"compressed"`): the sliding-window layers of hybrid models
+            (Gemma 3) keep their window in full precision (`"window"`) or KIVI-compressed (`"compressed"`).
 
     Example:
 
@@ -81,6 +110,17 @@ class KIVICache(CompressedKVCache):
     ```
     """
 
-    def __init__(self, config: PreTrainedConfig, bits: int = 2, group_size: int = 32, residual_length: int = 64):
+    def __init__(
+        self,
+        config: PreTrainedConfig,
+        bits: int = 2,
+        group_size: int = 32,
+        residual_length: int = 64,
+        sliding_layers: str = "compressed",
+    ):
         value_group = validate_quantization(config, bits, group_size, residual_length)
-        super().__init__(config, lambda: KIVILayer(bits, group_size, value_group, residual_length))
+
+        def layer(window: int | None = None) -> KIVILayer:
+            return KIVILayer(bits, group_size, value_group, residual_length, window)
+
+        super().__init__(config, layer, sliding_layer_factory(sliding_layers, layer))

@@ -102,6 +102,20 @@ class QuantizedTensor:
             self.dtype,
         )
 
+    def drop_leading_blocks(self, count: int) -> QuantizedTensor:
+        """The same blocks without the first `count` along axis 1 (copied, so the dropped storage is freed)."""
+        per_block = self.packed.shape[1] // self.shape[1]  # packed codes of one block, per batch row
+        shape = torch.Size((self.shape[0], self.shape[1] - count, *self.shape[2:]))
+        return QuantizedTensor(
+            self.packed[:, count * per_block :].clone(),
+            self.scale[:, count:].clone(),
+            self.minimum[:, count:].clone(),
+            shape,
+            self.bits,
+            self.dim,
+            self.dtype,
+        )
+
     def max_error(self) -> torch.Tensor:
         """Upper bound of the absolute round-trip error: half the largest step, plus the rounding to `dtype`."""
         largest = (self.minimum.float().abs() + self.scale.float() * (2**self.bits - 1)).max()
