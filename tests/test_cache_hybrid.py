@@ -14,6 +14,7 @@ from hf_efficient.cache import GEARCache, HeavyHitterCache, KIVICache, Streaming
 from hf_efficient.cache.base import SlidingWindowLayer
 from hf_efficient.cache.compressed import ResidualCompressedLayer
 from hf_efficient.compat import cache_kwarg
+from hf_efficient.speculative import TokenRecycling
 
 WINDOW = 8
 
@@ -119,3 +120,28 @@ def test_unsupported_layer_types_are_refused_by_name():
         KIVICache(config)
     with pytest.raises(ValueError, match="sliding_layers='fp8' is not one of"):
         KIVICache(model.config, sliding_layers="fp8")
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda c, s: KIVICache(c, bits=8, group_size=8, residual_length=8, sliding_layers=s),
+        lambda c, s: StreamingCache(c, sink_tokens=2, window=60, sliding_layers=s),
+    ],
+    ids=["kivi", "streaming"],
+)
+def test_speculative_decoding_past_the_window_needs_full_history_layers(factory):
+    """Tree verification addresses every column it wrote: windowed layers refuse to go past the window with a clear
+    error, and `sliding_layers="full"` keeps the whole history (window in the mask), equal to plain `generate`."""
+    model = tiny_hybrid_lm(WINDOW)
+    ids = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(0))
+    strategy = TokenRecycling()
+    with pytest.raises(ValueError, match="sliding window"):
+        model.generate(
+            ids, **cache_kwarg(factory(model.config, "window")), max_new_tokens=24, custom_generate=strategy
+        )
+    plain = model.generate(ids, **cache_kwarg(factory(model.config, "full")), max_new_tokens=24, do_sample=False)
+    spec = model.generate(
+        ids, **cache_kwarg(factory(model.config, "full")), max_new_tokens=24, custom_generate=strategy
+    )
+    assert torch.equal(spec, plain)

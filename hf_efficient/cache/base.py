@@ -27,6 +27,7 @@ __all__ = [
     "CompressedKVCache",
     "MeasuredLayer",
     "SlidingWindowLayer",
+    "check_choice",
     "decoder_layer_types",
     "head_dim_of",
     "kv_heads_of",
@@ -52,6 +53,12 @@ def kv_heads_of(config: PreTrainedConfig) -> int:
     """The number of key-value heads of a decoder config (`num_key_value_heads`, else `num_attention_heads`)."""
     config = config.get_text_config(decoder=True)
     return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """`ValueError` naming the argument and its valid values when `value` is not one of `choices`."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {choices}")
 
 
 def decoder_layer_types(config: PreTrainedConfig) -> list[tuple[str, int | None]]:

@@ -27,7 +27,7 @@ import torch
 from transformers import PreTrainedConfig
 
 from ..compat import CacheLayerMixin
-from .base import CompressedKVCache, MeasuredLayer, SlidingWindowLayer, tensor_nbytes
+from .base import CompressedKVCache, MeasuredLayer, SlidingWindowLayer, check_choice, tensor_nbytes
 from .scoring import grouped_attention, new_token_visibility, sdpa_attention_forward
 
 __all__ = ["EvictionCache", "EvictionLayer"]
@@ -243,20 +243,27 @@ class EvictionCache(CompressedKVCache):
     """A `CompressedKVCache` of eviction layers: they need every attention call (scores, per-slot masks), so models
     whose attention masks cannot be read (not sdpa / eager) are refused.
 
-    A sliding-window layer keeps whichever holds less: its window (`SlidingWindowLayer`, full precision) when the
-    window is at most the policy's budget, else the policy, whose masks apply the window.
-
     Args:
         config (`PreTrainedConfig`): the model's own config object (`model.config`).
         layer_factory (`Callable[[], EvictionLayer]`): builds one layer policy.
+        sliding_layers (`str`, *optional*, defaults to `"window"`): a sliding-window layer keeps whichever holds
+            less: its window (`SlidingWindowLayer`, full precision) when the window is at most the policy's budget,
+            else the policy, whose masks apply the window. `"full"`: the policy on every layer (what speculative
+            decoding past the window needs).
     """
 
     needs_attention_call = True
+    SLIDING_LAYER_CHOICES = ("window", "full")
 
-    def __init__(self, config: PreTrainedConfig, layer_factory: Callable[[], EvictionLayer]):
+    def __init__(
+        self, config: PreTrainedConfig, layer_factory: Callable[[], EvictionLayer], sliding_layers: str = "window"
+    ):
+        check_choice("sliding_layers", sliding_layers, self.SLIDING_LAYER_CHOICES)
         budget = layer_factory().budget
 
         def sliding_layer(window: int) -> CacheLayerMixin:
-            return SlidingWindowLayer(window) if window <= budget else layer_factory()
+            if sliding_layers == "window" and window <= budget:
+                return SlidingWindowLayer(window)
+            return layer_factory()
 
         super().__init__(config, layer_factory, sliding_layer)

@@ -203,7 +203,8 @@ class GEARCache(CompressedKVCache):
         residual_length (`int`, *optional*, defaults to 64): streaming buffer; a multiple of `group_size`.
         power_iterations (`int`, *optional*, defaults to 3): subspace iterations of the low-rank fit.
         sliding_layers (`str`, *optional*, defaults to `"compressed"`): the sliding-window layers of hybrid models
-            (Gemma 3) keep their window in full precision (`"window"`) or GEAR-compressed (`"compressed"`).
+            (Gemma 3) keep their window GEAR-compressed (`"compressed"`) or in full precision (`"window"`), or keep
+            the whole history compressed (`"full"`, for speculative decoding past the window).
 
     Example:
 

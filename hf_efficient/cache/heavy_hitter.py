@@ -120,6 +120,9 @@ class HeavyHitterCache(EvictionCache):
         tau_init (`float`, *optional*, defaults to 1.0): Keyformer's initial temperature.
         tau_delta (`float`, *optional*, defaults to 0.01): Keyformer's temperature increase per step.
         seed (`int`, *optional*, defaults to 0): Keyformer's noise seed.
+        sliding_layers (`str`, *optional*, defaults to `"window"`): on sliding-window layers, the window when it
+            holds less than the budget (`"window"`), or the policy over the whole history (`"full"`, for speculative
+            decoding past the window).
 
     Example:
 
@@ -140,6 +143,7 @@ class HeavyHitterCache(EvictionCache):
         tau_init: float = 1.0,
         tau_delta: float = 0.01,
         seed: int = 0,
+        sliding_layers: str = "window",
     ):
         recent = budget // 2 if recent is None else recent
         if budget < 1:
@@ -151,6 +155,6 @@ class HeavyHitterCache(EvictionCache):
         if tau_init <= 0:
             raise ValueError(f"tau_init={tau_init} must be > 0")
         if score == "h2o":
-            super().__init__(config, lambda: HeavyHitterLayer(budget, recent))
+            super().__init__(config, lambda: HeavyHitterLayer(budget, recent), sliding_layers)
         else:
-            super().__init__(config, lambda: KeyformerLayer(budget, recent, tau_init, tau_delta, seed))
+            super().__init__(config, lambda: KeyformerLayer(budget, recent, tau_init, tau_delta, seed), sliding_layers)

@@ -15,27 +15,30 @@ import torch
 from transformers import PreTrainedConfig
 
 from ..compat import CacheLayerMixin
-from .base import CompressedKVCache, head_dim_of
+from .base import CompressedKVCache, check_choice, head_dim_of
 from .compressed import ResidualCompressedLayer
 from .quantization import SUPPORTED_BITS, QuantizedTensor, quantize
 
 __all__ = ["SLIDING_LAYER_CHOICES", "KIVICache", "KIVILayer", "sliding_layer_factory", "validate_quantization"]
 
-SLIDING_LAYER_CHOICES = ("window", "compressed")
+SLIDING_LAYER_CHOICES = ("compressed", "window", "full")
 
 
 def sliding_layer_factory(
-    sliding_layers: str, compressed: Callable[[int], ResidualCompressedLayer]
+    sliding_layers: str, layer: Callable[[int | None], ResidualCompressedLayer]
 ) -> Callable[[int], CacheLayerMixin] | None:
-    """How a quantised cache builds its sliding-window layers: `None` (the default full-precision window) for
-    `"window"`, `compressed` (the method's layer limited to the window) for `"compressed"`.
+    """How a quantised cache builds its sliding-window layers from `layer(window)`: `"compressed"` the method's layer
+    limited to the window, `"window"` `None` (the base class's full-precision window), `"full"` the method's layer
+    over the whole history (the window applied by the attention mask only: what speculative decoding past the
+    window needs).
 
     Raises:
         `ValueError`: for any other value.
     """
-    if sliding_layers not in SLIDING_LAYER_CHOICES:
-        raise ValueError(f"sliding_layers={sliding_layers!r} is not one of {SLIDING_LAYER_CHOICES}")
-    return compressed if sliding_layers == "compressed" else None
+    check_choice("sliding_layers", sliding_layers, SLIDING_LAYER_CHOICES)
+    if sliding_layers == "window":
+        return None
+    return layer if sliding_layers == "compressed" else (lambda window: layer(None))
 
 
 def validate_quantization(config: PreTrainedConfig, bits: int, group_size: int, residual_length: int) -> int:
@@ -99,7 +102,8 @@ class KIVICache(CompressedKVCache):
         residual_length (`int`, *optional*, defaults to 64): tokens kept in full precision; a multiple of
             `group_size`.
         sliding_layers (`str`, *optional*, defaults to `"compressed"`): the sliding-window layers of hybrid models
-            (Gemma 3) keep their window in full precision (`"window"`) or KIVI-compressed (`"compressed"`).
+            (Gemma 3) keep their window KIVI-compressed (`"compressed"`) or in full precision (`"window"`), or keep
+            the whole history compressed (`"full"`, for speculative decoding past the window).
 
     Example:
 

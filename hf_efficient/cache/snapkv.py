@@ -82,6 +82,9 @@ class SnapKVCache(EvictionCache):
         budget (`int`, *optional*, defaults to 1024): prompt tokens kept per sequence and KV head.
         window (`int`, *optional*, defaults to 32): observation window, always kept.
         kernel (`int`, *optional*, defaults to 7): odd pooling width.
+        sliding_layers (`str`, *optional*, defaults to `"window"`): on sliding-window layers, the window when it
+            holds less than the budget (`"window"`), or the policy over the whole history (`"full"`, for speculative
+            decoding past the window).
 
     Example:
 
@@ -91,11 +94,18 @@ class SnapKVCache(EvictionCache):
     ```
     """
 
-    def __init__(self, config: PreTrainedConfig, budget: int = 1024, window: int = 32, kernel: int = 7):
+    def __init__(
+        self,
+        config: PreTrainedConfig,
+        budget: int = 1024,
+        window: int = 32,
+        kernel: int = 7,
+        sliding_layers: str = "window",
+    ):
         if window < 1:
             raise ValueError(f"window={window} must be >= 1")
         if budget <= window:
             raise ValueError(f"budget={budget} must exceed window={window} to keep any earlier prompt token")
         if kernel < 1 or kernel % 2 == 0:
             raise ValueError(f"kernel={kernel} must be a positive odd number (pooling keeps the length)")
-        super().__init__(config, lambda: SnapKVLayer(budget, window, kernel))
+        super().__init__(config, lambda: SnapKVLayer(budget, window, kernel), sliding_layers)

@@ -46,6 +46,9 @@ class StreamingCache(EvictionCache):
             calls are routed to `"hfe_kv"`, and the model's setting is left as it was (see `scoring.py`).
         sink_tokens (`int`, *optional*, defaults to 4): first tokens always kept.
         window (`int`, *optional*, defaults to 252): most recent tokens kept.
+        sliding_layers (`str`, *optional*, defaults to `"window"`): on sliding-window layers, the window when it
+            holds less than the budget (`"window"`), or the policy over the whole history (`"full"`, for speculative
+            decoding past the window).
 
     Example:
 
@@ -55,9 +58,11 @@ class StreamingCache(EvictionCache):
     ```
     """
 
-    def __init__(self, config: PreTrainedConfig, sink_tokens: int = 4, window: int = 252):
+    def __init__(
+        self, config: PreTrainedConfig, sink_tokens: int = 4, window: int = 252, sliding_layers: str = "window"
+    ):
         if sink_tokens < 0:
             raise ValueError(f"sink_tokens={sink_tokens} must be >= 0")
         if window < 1:
             raise ValueError(f"window={window} must be >= 1 (the budget is sink_tokens + window)")
-        super().__init__(config, lambda: StreamingLayer(sink_tokens, window))
+        super().__init__(config, lambda: StreamingLayer(sink_tokens, window), sliding_layers)
