@@ -1,20 +1,23 @@
-"""The `hf-efficient` command line: info, demo, reference, generate, bench, train.
+"""The `hf-efficient` command line: info, demo, reference, generate, export, bench, train.
 
-Every failure the user can cause (unknown name, missing path, bad option) ends with a one-line
-`hf-efficient: error: ...` on stderr and exit status 1.
+Every failure the user can cause (unknown name, missing path, bad option, an unsupported combination) ends with a
+one-line `hf-efficient: error: ...` on stderr and exit status 1 (`--debug` adds the traceback). Anything else is a
+bug: its traceback is always printed, then `hf-efficient: internal error: ...`, exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import sys
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-__all__ = ["DEMOS", "main"]
+__all__ = ["CACHES", "DEMOS", "STRATEGIES", "UserError", "main"]
 
 # (title, module with a `demo()` function); a family missing from this build is reported and skipped
 DEMOS: tuple[tuple[str, str], ...] = (
@@ -29,8 +32,38 @@ DEMOS: tuple[tuple[str, str], ...] = (
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
 
+# `--cache NAME[:N]`: name -> (class in `hf_efficient.cache`, the argument `:N` sets, fixed arguments)
+CACHES: dict[str, tuple[str, str | None, dict]] = {
+    "gear2": ("GEARCache", None, {"bits": 2}),
+    "gear4": ("GEARCache", None, {"bits": 4}),
+    "gear8": ("GEARCache", None, {"bits": 8}),
+    "kivi2": ("KIVICache", None, {"bits": 2}),
+    "kivi4": ("KIVICache", None, {"bits": 4}),
+    "kivi8": ("KIVICache", None, {"bits": 8}),
+    "streaming": ("StreamingCache", "window", {}),
+    "snapkv": ("SnapKVCache", "budget", {}),
+    "h2o": ("HeavyHitterCache", "budget", {}),
+    "keyformer": ("HeavyHitterCache", "budget", {"score": "keyformer"}),
+}
+# `--strategy` forms: syntax -> what it builds
+STRATEGIES: dict[str, str] = {
+    "recycling": "TokenRecycling, draft tree sized by timing this machine",
+    "recycling:N": "TokenRecycling, draft tree of N nodes",
+    "draft:PATH": "DraftModel with the drafter at PATH, a model folder or a reference model name",
+}
+
+
 class UserError(Exception):
     """An error caused by the command's input; printed as one line."""
+
+
+@contextlib.contextmanager
+def _user_input(what: str) -> Iterator[None]:
+    """`ValueError` / `OSError` raised while building `what` from the command's arguments are the user's errors."""
+    try:
+        yield
+    except (ValueError, OSError) as error:
+        raise UserError(f"{what}: {error}") from error
 
 
 def _module_present(name: str) -> bool:
@@ -105,12 +138,14 @@ def cmd_reference(args: argparse.Namespace) -> None:
         print(f"{name}: {reference.reference_model_path(name)}")
 
 
-def _load_for_generation(model: str, device: str, trust_remote_code: bool):
+def _load_for_generation(model: str, device: str, trust_remote_code: bool, drafter: bool = False):
+    """`(model, tokenizer)` from a local folder or a reference model name; a `drafter` comes without tokenizer, through
+    `load_drafter` (which also reads drafters whose LM head `trim_drafter_vocab` cut)."""
     from hf_efficient import reference
 
     if model in reference.REFERENCE_MODELS or model in reference.REAL_MODELS:
         try:
-            lm, tokenizer = reference.reference_model(model)
+            lm, tok = reference.reference_model(model)
         except ImportError as error:  # a real model whose carrier package is missing: one line, not a traceback
             raise UserError(str(error)) from error
     else:
@@ -121,16 +156,84 @@ def _load_for_generation(model: str, device: str, trust_remote_code: bool):
             )
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        lm = AutoModelForCausalLM.from_pretrained(model, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-    return lm.to(device).eval(), tokenizer
+        from hf_efficient.speculative import load_drafter
+
+        with _user_input(f"cannot load {model}"):
+            if drafter:
+                lm, tok = load_drafter(model), None
+            else:
+                lm = AutoModelForCausalLM.from_pretrained(model, trust_remote_code=trust_remote_code)
+                tok = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+    return lm.to(device).eval(), tok
+
+
+def _parse_strategy(spec: str) -> tuple[str, str]:
+    """`(name, argument)` of a `--strategy` value (`STRATEGIES`), checked before any model is loaded."""
+    name, _, arg = spec.partition(":")
+    if name not in ("recycling", "draft"):
+        valid = ", ".join(f"{syntax} ({text})" for syntax, text in STRATEGIES.items())
+        raise UserError(f"unknown strategy {spec!r}; valid: {valid}")
+    if name == "recycling" and arg and not arg.isdigit():
+        raise UserError(f"--strategy {spec!r}: recycling:N takes a node count N, e.g. recycling:16")
+    if name == "draft" and not arg:
+        raise UserError("--strategy draft needs a drafter: draft:PATH (a model folder or a reference model name)")
+    return name, arg
+
+
+def build_strategy(spec: str, device: str = "cpu"):
+    """The speculative strategy named by `--strategy` (`STRATEGIES`), its drafter on `device`."""
+    from hf_efficient.speculative import DraftModel, TokenRecycling
+
+    name, arg = _parse_strategy(spec)
+    if name == "recycling":
+        with _user_input(f"--strategy {spec}"):
+            return TokenRecycling(tree=int(arg) if arg else "auto")
+    drafter, _ = _load_for_generation(arg, device, trust_remote_code=False, drafter=True)
+    return DraftModel(drafter)
+
+
+def _parse_cache(spec: str) -> tuple[str, dict]:
+    """`(class name in hf_efficient.cache, keyword arguments)` of a `--cache` value (`CACHES`)."""
+    name, _, arg = spec.partition(":")
+    if name not in CACHES:
+        valid = ", ".join(key if argument is None else f"{key}[:N]" for key, (_, argument, _) in CACHES.items())
+        raise UserError(f"unknown cache {spec!r}; valid: {valid}")
+    class_name, argument, fixed = CACHES[name]
+    if arg and (argument is None or not arg.isdigit()):
+        raise UserError(f"--cache {spec!r}: {name} takes {'no :N' if argument is None else 'an integer N'}")
+    return class_name, {**fixed, **({argument: int(arg)} if arg else {})}
+
+
+def build_cache(spec: str, config):
+    """The `hf_efficient.cache` object named by `--cache` (`CACHES`) for a model of `config`."""
+    import hf_efficient.cache
+
+    class_name, kwargs = _parse_cache(spec)
+    with _user_input(f"--cache {spec}"):
+        return getattr(hf_efficient.cache, class_name)(config=config, **kwargs)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     import torch
     from transformers import TextStreamer
 
+    from hf_efficient.compat import cache_kwarg
+
+    if args.strategy:  # bad names fail before any model loads
+        _parse_strategy(args.strategy)
+    if args.cache:
+        _parse_cache(args.cache)
     model, tokenizer = _load_for_generation(args.model, args.device, args.trust_remote_code)
+    strategy = build_strategy(args.strategy, args.device) if args.strategy else None
+    cache = build_cache(args.cache, model.config) if args.cache else None
+    if strategy is not None:
+        if cache is not None and not getattr(cache, "is_croppable", False):
+            raise UserError(
+                f"--cache {args.cache} cannot roll back rejected draft tokens (is_croppable=False); drop --strategy, "
+                "or pick a croppable cache (gear*, kivi*, streaming, snapkv)"
+            )
+        with _user_input(f"--strategy {args.strategy}"):
+            strategy.validate(model, model.generation_config)
     if args.chat:
         if tokenizer.chat_template is None:
             raise UserError(f"{args.model} has no chat template; drop --chat to continue the prompt as text")
@@ -141,12 +244,50 @@ def cmd_generate(args: argparse.Namespace) -> None:
         inputs = tokenizer(args.prompt, return_tensors="pt").to(args.device)
     streamer = TextStreamer(tokenizer, skip_prompt=args.chat, skip_special_tokens=True)
     sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
+    extra = {**({"custom_generate": strategy} if strategy else {}), **(cache_kwarg(cache) if cache else {})}
     start = time.perf_counter()
     with torch.inference_mode():
-        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, streamer=streamer, **sampling)
+        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, streamer=streamer, **sampling, **extra)
     new_tokens = output.shape[-1] - inputs["input_ids"].shape[-1]
     seconds = time.perf_counter() - start
-    print(f"\n[{new_tokens} tokens in {seconds:.2f} s, {new_tokens / seconds:.1f} tokens/s]", file=sys.stderr)
+    summary = f"{new_tokens} tokens in {seconds:.2f} s, {new_tokens / seconds:.1f} tokens/s"
+    if strategy is not None:
+        summary += f", {strategy.stats.mean_accepted:.2f} tokens per target forward ({type(strategy).__name__})"
+    if cache is not None and hasattr(cache, "nbytes"):
+        summary += f", KV cache {cache.nbytes() / 2**20:.2f} MiB ({type(cache).__name__})"
+    print(f"\n[{summary}]", file=sys.stderr)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    import torch
+
+    from hf_efficient.hub import export_custom_generate
+
+    if args.push and not args.repo_id:
+        raise UserError("--push needs --repo-id (the Hub repository to upload to)")
+    output = Path(args.output)
+    if output.exists() and any(output.iterdir()) and not args.overwrite:
+        raise UserError(f"--output {output} is not empty; pass --overwrite to write into it")
+    _parse_strategy(args.strategy)  # a bad name fails before any model loads
+    model, tokenizer = _load_for_generation(args.model, args.device, args.trust_remote_code)
+    strategy = build_strategy(args.strategy, args.device)
+    if args.warmup:  # ships a warm state, and for TokenRecycling's tree="auto" this machine's forward timings
+        inputs = tokenizer(args.warmup, return_tensors="pt").to(args.device)
+        with torch.inference_mode():
+            model.generate(**inputs, max_new_tokens=32, do_sample=False, custom_generate=strategy)
+    model.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    folder = export_custom_generate(strategy, output, repo_id=args.repo_id)
+    repo = args.repo_id or str(output)
+    print(f"wrote {output} (model, tokenizer) and {folder} ({type(strategy).__name__}, self-contained)")
+    print(f"use: model.generate(**inputs, custom_generate={repo!r}, trust_remote_code=True)")
+    if args.push:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        repo_id = api.create_repo(args.repo_id, exist_ok=True).repo_id
+        commit = api.upload_folder(repo_id=repo_id, folder_path=output, commit_message="hf-efficient export")
+        print(f"pushed to {getattr(commit, 'commit_url', commit)}")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -195,7 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Efficient-modelling components for the Hugging Face stack: byte models, dynamic "
         "tokenization, ChunkLLM adapters, speculative drafters, compressed KV caches.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    debug_help = "print the traceback of errors caused by the input too (a bug's traceback is always printed)"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    common = argparse.ArgumentParser(add_help=False)  # `--debug` after the command too
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_parser_with(common))
 
     sub.add_parser("info", help="versions, device, registered model types, reference models").set_defaults(
         func=cmd_info
@@ -216,7 +361,39 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     gen.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     gen.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own code")
+    gen.add_argument(
+        "--strategy",
+        metavar="SPEC",
+        help="lossless speculative decoding: recycling, recycling:N (tree nodes), or draft:PATH (a drafter folder or "
+        "reference model name)",
+    )
+    gen.add_argument(
+        "--cache",
+        metavar="SPEC",
+        help=f"compressed KV cache: {', '.join(k if a is None else k + '[:N]' for k, (_, a, _) in CACHES.items())} "
+        "(N: the window of streaming, the token budget of the others)",
+    )
     gen.set_defaults(func=cmd_generate)
+
+    export = sub.add_parser(
+        "export", help="write MODEL with a self-contained custom_generate/ speculative strategy (a Hub-ready folder)"
+    )
+    export.add_argument("model", help="local model folder, or a reference model name")
+    export.add_argument("--strategy", required=True, metavar="SPEC", help="recycling, recycling:N, or draft:PATH")
+    export.add_argument(
+        "--output", required=True, metavar="DIR", help="the folder to write (model + custom_generate/)"
+    )
+    export.add_argument(
+        "--warmup",
+        metavar="TEXT",
+        help="generate 32 tokens from TEXT first: ships a warm state (and TokenRecycling's timings for this machine)",
+    )
+    export.add_argument("--repo-id", help="the Hub repository the folder is for (README example; --push target)")
+    export.add_argument("--push", action="store_true", help="upload DIR to --repo-id (needs network and a token)")
+    export.add_argument("--overwrite", action="store_true", help="write into a non-empty --output")
+    export.add_argument("--device", default="cpu", help="torch device for the warm-up (default: cpu)")
+    export.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own code")
+    export.set_defaults(func=cmd_export)
 
     bench = sub.add_parser("bench", help="run a benchmark against the Hugging Face baseline")
     bench.add_argument("name", help="benchmark name, or 'all' (see `hf-efficient info`)")
@@ -236,6 +413,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parser_with(common: argparse.ArgumentParser) -> type[argparse.ArgumentParser]:
+    """The subcommand parser class: every subcommand also takes `common`'s options."""
+
+    class SubcommandParser(argparse.ArgumentParser):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, parents=[common], **kwargs)
+
+    return SubcommandParser
+
+
+def _user_caused(error: BaseException) -> bool:
+    """Whether the command's input or the environment caused `error`: a `UserError`, or a missing package, model or
+    file (`ImportError`, `FileNotFoundError`; not a module of ours that fails to import, which is a bug)."""
+    if isinstance(error, ModuleNotFoundError):
+        return (error.name or "").partition(".")[0] != __name__.partition(".")[0]
+    return isinstance(error, (UserError, ImportError, FileNotFoundError))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -243,12 +438,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.recipe_args = args.recipe_args[1:]
     try:
         args.func(args)
-    except (UserError, ValueError, FileNotFoundError, ImportError) as error:
-        print(f"hf-efficient: error: {error}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("hf-efficient: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        if not _user_caused(error):  # a bug: never folded into one line
+            traceback.print_exc()
+            print(f"hf-efficient: internal error: {type(error).__name__}: {error}", file=sys.stderr)
+            return 1
+        if args.debug:
+            traceback.print_exc()
+        print(f"hf-efficient: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

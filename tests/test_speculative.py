@@ -413,7 +413,7 @@ def test_export_custom_generate_folder(tmp_path, kind):
         strategy = DraftModel(tiny_causal_lm("llama", seed=1, num_hidden_layers=1), acceptance_head=AcceptanceHead(32))
     target.save_pretrained(tmp_path)
     folder = export_custom_generate(strategy, tmp_path)
-    assert {"generate.py", "requirements.txt", "strategy.json"} <= {p.name for p in folder.iterdir()}
+    assert {"generate.py", "requirements.txt", "config.json", "README.md"} <= {p.name for p in folder.iterdir()}
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     out = reloaded.generate(**inputs, max_new_tokens=10, custom_generate=str(tmp_path), trust_remote_code=True)
     assert torch.equal(out, target.generate(**inputs, max_new_tokens=10))

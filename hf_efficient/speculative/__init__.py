@@ -6,6 +6,10 @@ from hf_efficient.speculative import DraftModel, TokenRecycling
 out = model.generate(**inputs, custom_generate=TokenRecycling(), max_new_tokens=64)
 out = model.generate(**inputs, custom_generate=DraftModel(drafter), max_new_tokens=64, do_sample=True)
 ```
+
+Strategies keep what they learn across calls and save it like Hub models: `save_pretrained`, `push_to_hub`,
+`SpeculativeDecoder.from_pretrained` (the class the folder names); `hf_efficient.hub.export_custom_generate` writes a
+self-contained `custom_generate/` folder that runs without `hf_efficient`.
 """
 
 from .acceptance_head import AcceptanceHead

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
+from huggingface_hub import PyTorchModelHubMixin
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -20,12 +21,15 @@ class _ResBlock(nn.Module):
         return hidden + nn.functional.silu(self.linear(hidden))
 
 
-class AcceptanceHead(nn.Module):
+class AcceptanceHead(nn.Module, PyTorchModelHubMixin, library_name="hf_efficient", tags=["speculative-decoding"]):
     """Predicts, from the drafter's last hidden state at a position, the probability that the drafter's top
     token there is accepted by the target (trained by `recipes/train_acceptance_head.py`).
 
     Paper: Huang, Guo and Wang, "SpecDec++: Boosting Speculative Decoding via Adaptive Candidate Lengths",
     COLM 2025, arXiv:2405.19715 (§3, acceptance prediction head: residual blocks and a linear layer).
+
+    Saved as one safetensors file (`save` / `load`) or as a Hub folder (`save_pretrained` / `from_pretrained` /
+    `push_to_hub`, from huggingface_hub's `PyTorchModelHubMixin`).
 
     Args:
         hidden_size (`int`): the drafter's `hidden_size`.

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Any
+
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig, PreTrainedModel
 
 from ..compat import DynamicCache, cache_kwarg
@@ -10,6 +15,7 @@ from .acceptance_head import AcceptanceHead
 from .engine import DecodingState, SpeculativeDecoder
 from .kv import KVLayout, full_history_cache, tree_attention_mask
 from .tree import DraftTree
+from .vocab_trim import load_drafter
 
 __all__ = ["DraftModel"]
 
@@ -30,7 +36,8 @@ class DraftModel(SpeculativeDecoder):
     (SpecDec++), else from the drafter's own confidence, calibrated online against the acceptances this object
     has observed (confidence bins; persists across calls, `.reset()` forgets it — an under-confident but right
     drafter then drafts deep, an over-confident one stops early). The drafter keeps its own KV cache; a
-    drafter whose LM head was cut by `trim_drafter_vocab` is mapped back to target ids here.
+    drafter whose LM head was cut by `trim_drafter_vocab` is mapped back to target ids here. `save_pretrained` /
+    `from_pretrained` / `push_to_hub` keep the drafter (`drafter/`), the acceptance head and the calibration.
 
     Paper: Leviathan et al., "Fast Inference from Transformers via Speculative Decoding", arXiv:2211.17192;
     Li et al., "EAGLE-2: Faster Inference of Language Models with Dynamic Draft Trees", arXiv:2406.16858;
@@ -110,6 +117,34 @@ class DraftModel(SpeculativeDecoder):
         rate = (self.calibration_hits / self.calibration_trials).to(confidence.device)  # (k, bins)
         rank = torch.arange(confidence.shape[-1], device=confidence.device).expand_as(confidence)
         return rate[rank, (confidence * _BINS).long().clamp(0, _BINS - 1)]
+
+    def _save_state(self, folder: Path) -> dict[str, Any]:
+        self.drafter.save_pretrained(folder / "drafter")
+        calibration = {"hits": self.calibration_hits.contiguous(), "trials": self.calibration_trials.contiguous()}
+        save_file(calibration, os.fspath(folder / "calibration.safetensors"))
+        if self.acceptance_head is not None:
+            self.acceptance_head.save_pretrained(folder / "acceptance_head")
+        return {
+            "tree_size": self.tree_size,
+            "topk": self.topk,
+            "max_depth": self.max_depth,
+            "chain": self.chain,
+            "stop_threshold": self.stop_threshold,
+        }
+
+    @classmethod
+    def _load_state(cls, folder: Path, config: dict[str, Any], device=None, **init_kwargs) -> DraftModel:
+        """The drafter (trimmed or not, `load_drafter`) and the acceptance head go to `device` when given."""
+        drafter = load_drafter(folder / "drafter")
+        drafter = drafter if device is None else drafter.to(device)
+        head = None
+        if (folder / "acceptance_head").is_dir():
+            head = AcceptanceHead.from_pretrained(folder / "acceptance_head").to(drafter.device)
+        strategy = cls(drafter, acceptance_head=head, **init_kwargs)
+        if (folder / "calibration.safetensors").is_file():
+            calibration = load_file(os.fspath(folder / "calibration.safetensors"))
+            strategy.calibration_hits, strategy.calibration_trials = calibration["hits"], calibration["trials"]
+        return strategy
 
     # ----- engine hooks ---------------------------------------------------------------------------------
     def start(self, model: PreTrainedModel, state: DecodingState) -> None:

@@ -49,6 +49,7 @@ from ..compat import (
     output_cache,
 )
 from .acceptance import greedy_accept, sample_accept
+from .hub_mixin import StrategyHubMixin
 from .kv import KVLayout, compact_cache, full_history_cache, tree_attention_mask
 from .tree import DraftTree
 
@@ -126,7 +127,7 @@ class DecodingState:
         return self.sequences.gather(1, (self.lengths - 1)[:, None]).squeeze(1)
 
 
-class SpeculativeDecoder(abc.ABC):
+class SpeculativeDecoder(abc.ABC, StrategyHubMixin):
     """Base class of the speculative strategies: the one verification engine.
 
     An instance is a callable for `model.generate(**inputs, custom_generate=strategy, ...)`. It supports greedy
@@ -139,13 +140,17 @@ class SpeculativeDecoder(abc.ABC):
     forward computes the same logits as step-by-step decoding, exactly in exact arithmetic; in fp32 the
     differences (~1e-6) never flip an argmax in practice, in bf16 a logit can move by one bf16 ulp, which
     flips the argmax only where the two best logits of plain decoding are within that ulp.
+
+    Strategies save, load and push like Hub models (`save_pretrained`, `from_pretrained`, `push_to_hub`, from
+    huggingface_hub's `ModelHubMixin`, see `StrategyHubMixin`); `SpeculativeDecoder.from_pretrained(path)` returns
+    the class the saved `config.json` names.
     """
 
     def __init__(self) -> None:
         self.stats = SpeculativeStats()
 
     # ----- drafter hooks ---------------------------------------------------------------------------------
-    def start(self, model: PreTrainedModel, state: DecodingState) -> None:  # noqa: B027 (optional hook: no-op by default)
+    def start(self, model: PreTrainedModel, state: DecodingState) -> None:  # optional hook: no-op by default
         """Called once per `generate` call after the prefill (warm starts, drafter prefill)."""
 
     def prompt_logit_positions(self, prefill_ids: torch.LongTensor) -> torch.LongTensor | None:
@@ -157,7 +162,7 @@ class SpeculativeDecoder(abc.ABC):
     def draft(self, model: PreTrainedModel, state: DecodingState) -> DraftTree:
         """Propose a draft tree per row, rooted at `state.roots`."""
 
-    def observe(  # noqa: B027 (optional hook: no-op by default)
+    def observe(  # optional hook: no-op by default
         self, state: DecodingState, tree: DraftTree, logits: torch.Tensor, path: torch.LongTensor, num_accepted
     ) -> None:
         """Called after each verification with the raw target `logits` `(B, T, V)` and the accepted `path`."""
@@ -247,6 +252,7 @@ class SpeculativeDecoder(abc.ABC):
         )
         cache = output_cache(out)
         window = self._check_cache(cache)
+        _refuse_past_window(window, layout.length + 1)  # the drafters' first step verifies at least one token
         cache.activate_past_recording()  # caches that drop tokens keep them until the next crop
         stats.steps = 1
         stats.row_forwards = B
@@ -274,11 +280,7 @@ class SpeculativeDecoder(abc.ABC):
             state.max_drafts = (max_length - state.lengths - 1).clamp(min=0)
             tree = self.draft(model, state)
             T = tree.size
-            if window is not None and layout.length + T >= window:
-                raise ValueError(
-                    f"the sequence reached the sliding window ({window}) of the cache passed in; lower "
-                    "max_new_tokens, or let generate create the cache (speculative decoding then keeps every token)."
-                )
+            _refuse_past_window(window, layout.length + T)
             next_positions = layout.next_positions()  # (B,)
             node_positions = next_positions[:, None] + tree.depth  # (B, T)
             node_logits = model(
@@ -462,6 +464,17 @@ def _prefix_ids(
         path_tokens[rows, nodes].gather(1, k.clamp(0, path_tokens.shape[-1] - 1)),
         state.sequences[rows, :length],
     )
+
+
+def _refuse_past_window(window: int | None, columns: int) -> None:
+    """`ValueError` when a verification forward over `columns` cache columns would leave a sliding layer's window:
+    such a layer drops columns that the tree masks still address."""
+    if window is not None and columns >= window:
+        raise ValueError(
+            f"the sequence reached the sliding window ({window}) of the cache passed in; lower max_new_tokens, let "
+            "generate create the cache (speculative decoding then keeps every token), or build our cache with "
+            "sliding_layers='full'."
+        )
 
 
 def _as_list(value) -> list[int]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -22,6 +24,7 @@ _RANK_PRIOR = (0.45, 0.15, 0.08, 0.05, 0.04, 0.03, 0.02, 0.02)
 _PRIOR_WEIGHT = 20.0
 # tree sizes `tree="auto"` times; at least 4 nodes, so the per-rank acceptance statistics keep being observed
 _AUTO_SIZES = (4, 6, 8, 12, 16, 24, 32, 48, 64, 80)
+_STATE_FILE = "recycling.safetensors"  # the `save` file inside a `save_pretrained` folder
 
 
 class TokenRecycling(SpeculativeDecoder):
@@ -31,7 +34,8 @@ class TokenRecycling(SpeculativeDecoder):
     token `t`, last seen. A draft tree is read from it breadth-first along a template (child of rank `r` =
     `r`-th successor of the parent's token), verified in one target forward, and every verified node overwrites
     its token's row with the target's top-k at that node (accepted or not). The matrix persists across calls
-    (`save` / `load` / `reset`).
+    (`save` / `load` / `reset`); `save_pretrained` / `from_pretrained` / `push_to_hub` keep it together with the
+    settings and, for `tree="auto"`, the forward timings (re-measured only on another kind of device).
 
     Beyond the paper, the successors are also kept per token *pair* (the node's parent token, the node's token) in
     a hashed table of `pair_buckets` rows, and a draft node whose pair has been seen takes its successors from
@@ -62,7 +66,7 @@ class TokenRecycling(SpeculativeDecoder):
     recycling = TokenRecycling(topk=8)
     out = model.generate(**inputs, custom_generate=recycling, max_new_tokens=64, do_sample=False)
     print(recycling.stats.mean_accepted)
-    recycling.save("recycling.safetensors")
+    recycling.save_pretrained("recycling")  # later: TokenRecycling.from_pretrained("recycling")
     ```
     """
 
@@ -84,7 +88,8 @@ class TokenRecycling(SpeculativeDecoder):
         self.tree = tree
         self.pair_buckets = pair_buckets
         self.warm_start = warm_start
-        self.forward_costs: dict[int, float] = {}
+        self.forward_costs: dict[int, float] = {}  # tree size -> seconds of one verification forward
+        self.forward_costs_device: str | None = None  # the device `forward_costs` were measured on
         self.reset()
 
     # ----- state ----------------------------------------------------------------------------------------
@@ -135,6 +140,28 @@ class TokenRecycling(SpeculativeDecoder):
         self.rank_hits, self.rank_trials = tensors["rank_hits"].float(), tensors["rank_trials"].float()
         self._ranks = self._node_trials = self._node_hits = None
         return self
+
+    def _save_state(self, folder: Path) -> dict[str, Any]:
+        if self.adjacency is not None:  # built by the first call
+            self.save(folder / _STATE_FILE)
+        return {
+            "topk": self.topk,
+            "tree": self.tree,
+            "pair_buckets": self.pair_buckets,
+            "warm_start": self.warm_start,
+            "forward_costs": {str(size): seconds for size, seconds in self.forward_costs.items()},
+            "forward_costs_device": self.forward_costs_device,
+        }
+
+    @classmethod
+    def _load_state(cls, folder: Path, config: dict[str, Any], device=None, **init_kwargs) -> TokenRecycling:
+        """`device` is not needed: the state moves to the model's device at the first call."""
+        strategy = cls(**init_kwargs)
+        if (folder / _STATE_FILE).is_file():
+            strategy.load(folder / _STATE_FILE)
+        strategy.forward_costs = {int(size): float(s) for size, s in (config.get("forward_costs") or {}).items()}
+        strategy.forward_costs_device = config.get("forward_costs_device")
+        return strategy
 
     @property
     def rank_acceptance(self) -> list[float]:
@@ -230,8 +257,9 @@ class TokenRecycling(SpeculativeDecoder):
             return _template_from_paths(self.tree)
         if isinstance(self.tree, int):
             return tree_template(self.tree, self.rank_acceptance)
-        if not self.forward_costs:
-            self.forward_costs = self._measure(model, state)
+        device = _device_name(state.sequences.device)
+        if not self.forward_costs or self.forward_costs_device != device:  # timed once per kind of device
+            self.forward_costs, self.forward_costs_device = self._measure(model, state), device
         # the best tree of n nodes holds the n - 1 likeliest nodes of the biggest one (best-first growth)
         largest = tree_template(max(self.forward_costs), self.rank_acceptance)
         likeliest = sorted(acceptance_probabilities(*largest, self.rank_acceptance)[1:], reverse=True)
@@ -310,6 +338,13 @@ def _writable(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor`, cloned if an earlier call under `torch.inference_mode()` made it an inference tensor and this call
     runs outside inference mode (where inference tensors cannot be updated in place)."""
     return tensor.clone() if tensor.is_inference() and not torch.is_inference_mode_enabled() else tensor
+
+
+def _device_name(device: torch.device) -> str:
+    """What forward timings depend on: `"cpu"`, or the accelerator's type and name (`"cuda:NVIDIA H200"`)."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
 
 
 def _synchronize(device: torch.device) -> None:
