@@ -1,8 +1,8 @@
 """hf_efficient: efficient-modelling research turned into Hugging Face components.
 
 Importing the package only registers our model families with the ``Auto*`` classes; every other
-submodule (``speculative``, ``cache``, ``tokenization``, ``prefill``, ``reference``, ``eval``, ``bench``)
-is imported on first attribute access.
+submodule (``speculative``, ``cache``, ``tokenization``, ``prefill``, ``reference``, ``eval``, ``bench``,
+``kernels``) is imported on first attribute access; ``hfe.kernelize`` is ``hfe.kernels.kernelize``.
 
 Example:
 
@@ -24,6 +24,7 @@ _SUBMODULES = (
     "cli",
     "eval",
     "hub",
+    "kernels",
     "models",
     "prefill",
     "reference",
@@ -31,7 +32,7 @@ _SUBMODULES = (
     "tokenization",
 )
 
-__all__ = ["__version__", *_SUBMODULES]
+__all__ = ["__version__", "kernelize", *_SUBMODULES]
 
 
 def __getattr__(name: str) -> Any:
@@ -39,6 +40,8 @@ def __getattr__(name: str) -> Any:
         module = importlib.import_module(f".{name}", __name__)
         globals()[name] = module
         return module
+    if name == "kernelize":  # hf_efficient.kernelize(model, mode=..., device=...): hub kernels, PyTorch fallback
+        return importlib.import_module(".kernels", __name__).kernelize
     raise AttributeError(f"module 'hf_efficient' has no attribute {name!r}")
 
 

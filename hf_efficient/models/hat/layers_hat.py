@@ -1,5 +1,10 @@
 """HAT building blocks: a Llama-layer stack with a row-indexed cache, and the cross-attention used to pool words
-and to let bytes read the preceding words' backbone outputs."""
+and to let bytes read the preceding words' backbone outputs.
+
+The RMSNorms and MLP activations are modules marked with `use_kernel_forward_from_hub`, so `kernels.kernelize` (or
+`hf_efficient.kernelize`) can swap their forward for a hub kernel; without the optional `kernels` package they are
+plain PyTorch layers.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +25,44 @@ from .cache_argument import cache_kwarg
 from .cache_slots import KVSlots, put_rows, take_rows
 from .configuration_hat import HATConfig
 
-__all__ = ["HATCrossAttention", "HATStack", "HATStackCache", "attention_bias"]
+try:
+    from kernels import use_kernel_forward_from_hub
+except ImportError:  # `kernels` is optional (and absent from most remote-code environments): plain PyTorch layers
+
+    def use_kernel_forward_from_hub(layer_name: str):
+        return lambda cls: cls
+
+
+__all__ = [
+    "HATCrossAttention",
+    "HATRMSNorm",
+    "HATSiLU",
+    "HATStack",
+    "HATStackCache",
+    "attention_bias",
+    "marked_llama_layer",
+]
+
+
+@use_kernel_forward_from_hub("RMSNorm")
+class HATRMSNorm(LlamaRMSNorm):
+    """`LlamaRMSNorm` (same weight, same forward) marked for the `RMSNorm` hub kernels."""
+
+
+@use_kernel_forward_from_hub("SiLU")
+class HATSiLU(nn.SiLU):
+    """`nn.SiLU` marked for the `SiLU` hub kernels (which expect a contiguous input, as the MLP's gate is)."""
+
+
+def marked_llama_layer(llama: LlamaConfig, layer_idx: int) -> LlamaDecoderLayer:
+    """A `LlamaDecoderLayer` whose RMSNorms and MLP activation are the marked classes above (same parameters and
+    outputs): transformers marks its own only with the `kernels` releases its integration accepts."""
+    layer = LlamaDecoderLayer(llama, layer_idx=layer_idx)
+    layer.input_layernorm = HATRMSNorm(llama.hidden_size, eps=llama.rms_norm_eps)
+    layer.post_attention_layernorm = HATRMSNorm(llama.hidden_size, eps=llama.rms_norm_eps)
+    if llama.hidden_act == "silu":
+        layer.mlp.act_fn = HATSiLU()
+    return layer
 
 
 def attention_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -77,9 +119,9 @@ class HATStack(nn.Module):
         super().__init__()
         llama = llama_config(config, backbone)
         self.window = None if backbone else config.sliding_window
-        self.layers = nn.ModuleList(LlamaDecoderLayer(llama, layer_idx=i) for i in range(num_layers))
+        self.layers = nn.ModuleList(marked_llama_layer(llama, i) for i in range(num_layers))
         self.rotary_emb = LlamaRotaryEmbedding(llama)
-        self.norm = LlamaRMSNorm(llama.hidden_size, eps=config.rms_norm_eps)
+        self.norm = HATRMSNorm(llama.hidden_size, eps=config.rms_norm_eps)
 
     def new_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> HATStackCache:
         return HATStackCache(self, batch_size, device, dtype)

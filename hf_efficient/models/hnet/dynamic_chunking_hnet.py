@@ -6,13 +6,15 @@ arXiv:2507.07955), §2.2.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers_hnet import linear_scan
+from .layers_hnet import HNetEMAScan, linear_scan
 
-__all__ = ["HNetRouter", "chunk", "dechunk", "ratio_loss", "straight_through"]
+__all__ = ["HNetDeChunk", "HNetRouter", "chunk", "dechunk", "ratio_loss", "straight_through"]
 
 
 class HNetRouter(nn.Module):
@@ -87,6 +89,7 @@ def dechunk(
     chunk_valid: torch.Tensor,
     boundary: torch.Tensor,
     last_value: torch.Tensor,
+    scan: Callable[..., torch.Tensor] = linear_scan,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """EMA smoothing over chunks (`z̄_j = P_j ẑ_j + (1 - P_j) z̄_{j-1}`, a parallel scan in fp32) then upsampling
     (every byte takes the value of the latest chunk it belongs to), §2.2.3.
@@ -97,6 +100,7 @@ def dechunk(
         chunk_valid (`torch.Tensor` of shape `(B, M)`): non-padding chunks.
         boundary (`torch.Tensor` of shape `(B, L)`): boundary mask of the byte positions.
         last_value (`torch.Tensor` of shape `(B, D)`): smoothed value before the first new chunk (cache).
+        scan (`Callable`, *optional*, defaults to `linear_scan`): the EMA scan, e.g. a (kernelized) `HNetEMAScan`.
 
     Returns:
         `tuple`: upsampled values (B, L, D) and the smoothed value of the last chunk (B, D).
@@ -104,12 +108,31 @@ def dechunk(
     prob = chunk_prob.float().clamp(1e-4, 1 - 1e-4)[..., None]  # (B, M, 1)
     valid = chunk_valid[..., None]
     decay = torch.where(valid, 1 - prob, 1.0)
-    smoothed = linear_scan(decay, torch.where(valid, prob * inner.float(), 0.0), last_value.float())  # (B, M, D)
+    smoothed = scan(decay, torch.where(valid, prob * inner.float(), 0.0), last_value.float())  # (B, M, D)
     new_last = smoothed[:, -1] if smoothed.shape[1] else last_value.float()
     index = boundary.long().cumsum(1) - 1  # (B, L): chunk of each byte, -1 = still in the cached chunk
     up = smoothed.gather(1, index.clamp(min=0)[..., None].expand(-1, -1, inner.shape[-1])) if smoothed.shape[1] else 0
     up = torch.where((index >= 0)[..., None], up, last_value.float()[:, None])
     return up.to(inner.dtype), new_last.to(inner.dtype)
+
+
+class HNetDeChunk(nn.Module):
+    """`dechunk` with its EMA scan as a submodule (`HNetEMAScan`), so `kernels.kernelize` reaches the scan."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scan = HNetEMAScan()
+
+    def forward(
+        self,
+        inner: torch.Tensor,
+        chunk_prob: torch.Tensor,
+        chunk_valid: torch.Tensor,
+        boundary: torch.Tensor,
+        last_value: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """See `dechunk`: inner (B, M, D), chunk_prob/chunk_valid (B, M), boundary (B, L), last_value (B, D)."""
+        return dechunk(inner, chunk_prob, chunk_valid, boundary, last_value, scan=self.scan)
 
 
 def ratio_loss(prob: torch.Tensor, boundary: torch.Tensor, valid: torch.Tensor, target: float) -> torch.Tensor:

@@ -3,6 +3,10 @@
 Every stack runs on a padded batch whose valid positions form ONE contiguous run per row (left padding for the
 byte prompt, right padding for chunk sequences), with an optional per-stack cache indexed by absolute batch rows
 so that an inner stage can step only the rows that closed a chunk (gather -> step -> scatter).
+
+The RMSNorms, the MLP activations and the EMA scan are modules marked with `use_kernel_forward_from_hub`, so
+`kernels.kernelize` (or `hf_efficient.kernelize`) can swap their forward for a hub kernel; without the optional
+`kernels` package they are plain PyTorch layers.
 """
 
 from __future__ import annotations
@@ -17,7 +21,24 @@ from .cache_argument import cache_kwarg
 from .cache_slots import KVSlots, put_rows, take_rows
 from .configuration_hnet import HNetConfig
 
-__all__ = ["HNetRecurrentBlock", "HNetStack", "HNetStackCache", "linear_scan"]
+try:
+    from kernels import use_kernel_forward_from_hub
+except ImportError:  # `kernels` is optional (and absent from most remote-code environments): plain PyTorch layers
+
+    def use_kernel_forward_from_hub(layer_name: str):
+        return lambda cls: cls
+
+
+__all__ = [
+    "HNetEMAScan",
+    "HNetRMSNorm",
+    "HNetRecurrentBlock",
+    "HNetSiLU",
+    "HNetStack",
+    "HNetStackCache",
+    "linear_scan",
+    "marked_llama_layer",
+]
 
 
 def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
@@ -41,6 +62,39 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None
         a = torch.cat([a[:, :shift], a[:, shift:] * a[:, :-shift]], dim=1)
         shift *= 2
     return b
+
+
+@use_kernel_forward_from_hub("EMAScan")
+class HNetEMAScan(nn.Module):
+    """`linear_scan` as a layer: the EMA `h_t = a_t h_{t-1} + b_t` of the recurrent blocks and of de-chunking.
+
+    Kernel: `EMAScan` (hf_efficient's `ema-scan`, bit-for-bit equal, fewer allocations).
+    """
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
+        """a (B, L, C) or (B, L, 1), b (B, L, C), h0 (B, C) or `None` -> every h_t (B, L, C)."""
+        return linear_scan(a, b, h0)
+
+
+@use_kernel_forward_from_hub("RMSNorm")
+class HNetRMSNorm(LlamaRMSNorm):
+    """`LlamaRMSNorm` (same weight, same forward) marked for the `RMSNorm` hub kernels."""
+
+
+@use_kernel_forward_from_hub("SiLU")
+class HNetSiLU(nn.SiLU):
+    """`nn.SiLU` marked for the `SiLU` hub kernels (which expect a contiguous input, as the MLP's gate is)."""
+
+
+def marked_llama_layer(llama: LlamaConfig, layer_idx: int) -> LlamaDecoderLayer:
+    """A `LlamaDecoderLayer` whose RMSNorms and MLP activation are the marked classes above (same parameters and
+    outputs): transformers marks its own only with the `kernels` releases its integration accepts."""
+    layer = LlamaDecoderLayer(llama, layer_idx=layer_idx)
+    layer.input_layernorm = HNetRMSNorm(llama.hidden_size, eps=llama.rms_norm_eps)
+    layer.post_attention_layernorm = HNetRMSNorm(llama.hidden_size, eps=llama.rms_norm_eps)
+    if llama.hidden_act == "silu":
+        layer.mlp.act_fn = HNetSiLU()
+    return layer
 
 
 def last_valid_index(valid: torch.Tensor) -> torch.Tensor:
@@ -126,13 +180,17 @@ class HNetRecurrentBlock(nn.Module):
         d = config.hidden_size[stage]
         self.channels = config.recurrent_expand * d
         self.kernel = config.conv_kernel
-        self.norm = LlamaRMSNorm(d, eps=config.rms_norm_eps)
+        self.norm = HNetRMSNorm(d, eps=config.rms_norm_eps)
         self.in_proj = nn.Linear(d, 3 * self.channels, bias=False)
         self.conv = nn.Conv1d(self.channels, self.channels, self.kernel, groups=self.channels)
         self.decay_bias = nn.Parameter(torch.zeros(self.channels))
         self.out_proj = nn.Linear(self.channels, d, bias=False)
-        self.mlp = LlamaMLP(stage_llama_config(config, stage)) if with_mlp else None
-        self.mlp_norm = LlamaRMSNorm(d, eps=config.rms_norm_eps) if with_mlp else None
+        self.scan = HNetEMAScan()
+        llama = stage_llama_config(config, stage)
+        self.mlp = LlamaMLP(llama) if with_mlp else None
+        if self.mlp is not None and llama.hidden_act == "silu":
+            self.mlp.act_fn = HNetSiLU()
+        self.mlp_norm = HNetRMSNorm(d, eps=config.rms_norm_eps) if with_mlp else None
 
     def initial_state(self, batch_size: int, device: torch.device, dtype: torch.dtype):
         conv = torch.zeros(batch_size, self.channels, self.kernel - 1, device=device, dtype=dtype)  # (B, C, K-1)
@@ -160,7 +218,7 @@ class HNetRecurrentBlock(nn.Module):
         a = torch.sigmoid(a_raw + self.decay_bias)  # (B, L, C)
         b = torch.where(mask, (1 - a) * u, 0.0)
         a = torch.where(mask, a, 1.0)  # padding passes the state through unchanged
-        h = linear_scan(a, b, h0)  # (B, L, C)
+        h = self.scan(a, b, h0)  # (B, L, C): linear_scan
         x = x + self.out_proj(h * F.silu(gate))
         if self.mlp is not None:
             x = x + self.mlp(self.mlp_norm(x))
@@ -182,11 +240,11 @@ class HNetStack(nn.Module):
         self.window = None if window is None or window < 0 else window
         llama = stage_llama_config(config, stage)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(llama, layer_idx=i) if kind == "T" else HNetRecurrentBlock(config, stage, kind == "M")
+            marked_llama_layer(llama, i) if kind == "T" else HNetRecurrentBlock(config, stage, kind == "M")
             for i, kind in enumerate(blocks)
         )
         self.rotary_emb = LlamaRotaryEmbedding(llama) if "T" in blocks else None
-        self.norm = LlamaRMSNorm(config.hidden_size[stage], eps=config.rms_norm_eps)
+        self.norm = HNetRMSNorm(config.hidden_size[stage], eps=config.rms_norm_eps)
 
     def new_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> HNetStackCache:
         return HNetStackCache(self, batch_size, device, dtype)
