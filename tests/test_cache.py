@@ -375,3 +375,16 @@ def test_croppable_caches_under_hf_assisted_decoding(name):
     assert cache.get_seq_length() == 24 + 20 - 1
     if name == "streaming":
         assert cache.layers[0].keys.shape[-2] <= 12 + 3  # 2 sinks + 10 recent, plus at most the last draft
+
+
+def test_kivi_key_bits_quantize_keys_and_values_apart():
+    model = tiny_causal_lm("llama")
+    cache = KIVICache(model.config, bits=2, key_bits=4, group_size=8, residual_length=16)
+    _generate(model, *_padded_batch(), cache, new_tokens=12)
+    layer = cache.layers[0]
+    assert layer.key_store.bits == 4 and layer.value_store.bits == 2
+    both_2bit = KIVICache(model.config, bits=2, group_size=8, residual_length=16)
+    _generate(model, *_padded_batch(), both_2bit, new_tokens=12)
+    assert both_2bit.nbytes() < cache.nbytes()
+    with pytest.raises(ValueError, match="key_bits=3"):
+        KIVICache(model.config, key_bits=3)

@@ -42,6 +42,7 @@ GEMMA_METHODS = (
     "KIVI 4-bit, full-precision windows",
     "KIVI 2-bit",
     "KIVI 2-bit, full-precision windows",
+    "KIVI 2-bit, 4-bit keys",
     "GEAR 4-bit",
     "Streaming 50%",
     "H2O 50%",
@@ -90,6 +91,8 @@ def methods(config, prompt_len: int, total_len: int, window: int) -> dict[str, C
     shared = {"group_size": GROUP_SIZE, "residual_length": RESIDUAL_LENGTH}
     for bits in (8, 4, 2):
         factories[f"KIVI {bits}-bit"] = lambda b=bits: KIVICache(config, bits=b, **shared)
+    # keys carry the error that matters at 2 bits (KVQuant's outlier channels): 2-bit values, 4-bit keys
+    factories["KIVI 2-bit, 4-bit keys"] = lambda: KIVICache(config, bits=2, key_bits=4, **shared)
     if any(kind == "sliding_attention" for kind, _ in decoder_layer_types(config)):  # compressed windows or not
         for bits in (4, 2):
             factories[f"KIVI {bits}-bit, full-precision windows"] = lambda b=bits: KIVICache(
