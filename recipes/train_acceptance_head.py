@@ -12,8 +12,10 @@ COLM 2025, arXiv:2405.19715 (§4: acceptance prediction head, weighted BCE, targ
 
 ```bash
 python recipes/train_acceptance_head.py --output-dir out/acceptance-head
-accelerate launch recipes/train_acceptance_head.py --label sampling
+accelerate launch --config_file recipes/configs/ddp.yaml recipes/train_acceptance_head.py --label sampling
 ```
+
+More processes, GPUs or machines, with the configs in `recipes/configs/`: `recipes/README.md`.
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
+    from hf_efficient.recipes._distributed import end_distributed_training
     from hf_efficient.speculative import AcceptanceHead
     from hf_efficient.speculative.training_data import (
         load_target_and_drafter,
@@ -107,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     if trainer.is_world_process_zero():  # one writer under several processes
         head.save(os.path.join(args.output_dir, "acceptance_head.safetensors"))
         print(f"saved the acceptance head to {args.output_dir}/acceptance_head.safetensors")
+    end_distributed_training()
 
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@ H-Net runs with its per-stage learning rates; the ratio loss and the learned byt
 
 ```bash
 python recipes/train_byte_lm.py --model hnet --output-dir runs/hnet --max-steps 300        # resumable
-accelerate launch recipes/train_byte_lm.py --model hat --output-dir runs/hat
+accelerate launch --config_file recipes/configs/ddp.yaml recipes/train_byte_lm.py --model hat --output-dir runs/hat
 hf-efficient train train_byte_lm -- --model bpe --output-dir runs/bpe --max-steps 300
 ```
+
+More processes, GPUs or machines, with the configs in `recipes/configs/`: `recipes/README.md`.
 
 Checkpoints go to `--output-dir/checkpoint-*` and a rerun resumes from the last one; the final model and its
 tokenizer are saved to `--output-dir` (remote code included for the byte models) with `metrics.json`.
@@ -26,6 +28,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from hf_efficient.recipes._distributed import end_distributed_training
 from hf_efficient.reference import reference_corpus
 
 MODELS = ("hnet", "hnet2", "hat", "bpe")
@@ -203,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         resume=not args.no_resume,
     )
+    end_distributed_training()
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@ this script is its command line, to train a variant by hand:
 
 ```bash
 python recipes/train_reference.py --name target --output-dir runs/target          # resumable
-accelerate launch recipes/train_reference.py --name drafter --output-dir runs/drafter --max-steps 300
+accelerate launch --config_file recipes/configs/ddp.yaml recipes/train_reference.py --output-dir runs/target
 hf-efficient train train_reference -- --name target --output-dir runs/target --seq-len 1024
 ```
+
+More processes, GPUs or machines, with the configs in `recipes/configs/`: `recipes/README.md`.
 
 Checkpoints go to `--output-dir/checkpoint-*`; a rerun resumes from the last one. The final model and
 tokenizer are saved to `--output-dir` itself.
@@ -22,6 +24,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from hf_efficient.recipes._distributed import end_distributed_training
 from hf_efficient.reference.trained import REFERENCE_MODELS, ReferenceConfig, train_model
 
 
@@ -53,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {error}")
     tokenizer_dir = args.tokenizer_dir or reference.tokenizer_dir(config)
     train_model(config, tokenizer_dir, args.output_dir)
+    end_distributed_training()
     print(f"saved {args.name} to {args.output_dir}")
 
 

@@ -19,9 +19,11 @@ random letters, so the benchmark measures retrieval of unseen pairs.
 
 ```bash
 python recipes/train_retrieval_lm.py --output-dir runs/retrieval-lm               # ~17 min on 2 CPU cores
-accelerate launch recipes/train_retrieval_lm.py --output-dir runs/retrieval-lm --max-steps 1000
+accelerate launch --config_file recipes/configs/ddp.yaml recipes/train_retrieval_lm.py --output-dir runs/retrieval-lm
 hf-efficient train train_retrieval_lm -- --output-dir runs/retrieval-lm --layers 3
 ```
+
+More processes, GPUs or machines, with the configs in `recipes/configs/`: `recipes/README.md`.
 
 Both phases are resumable (`--output-dir/induction-run/checkpoint-*`, `--output-dir/checkpoint-*`). The model,
 the reference tokenizer and `retrieval_training.json` go to `--output-dir`.
@@ -281,6 +283,7 @@ def main(argv: list[str] | None = None) -> Path:
     """Train the retrieval LM into `--output-dir`; returns the output folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    from hf_efficient.recipes._distributed import end_distributed_training
     from hf_efficient.reference import reference_config, reference_corpus, tokenizer_dir
 
     args = parse_args(argv)
@@ -331,14 +334,14 @@ def main(argv: list[str] | None = None) -> Path:
                 f"{record['copy_accuracy']:.2f} < {args.copy_accuracy}); raise --induction-max-steps",
                 flush=True,
             )
+        trainer.save_model(str(induction_dir))  # on every rank: a sharded (FSDP) model is gathered first
         if trainer.is_world_process_zero():
-            model.save_pretrained(induction_dir)
             (induction_dir / "induction.json").write_text(json.dumps(record, indent=2))
 
     rows = SyntheticRows(tokenizer, stream, args.seq_len, PHASE2_MIX, args.seed + 1)
     trainer = _train(model, args, args.output_dir, rows, args.batch_size, args.max_steps, "cosine")
+    trainer.save_model(str(args.output_dir))
     if trainer.is_world_process_zero():
-        trainer.save_model(str(args.output_dir))
         tokenizer.save_pretrained(args.output_dir)
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         record.update(
@@ -351,6 +354,7 @@ def main(argv: list[str] | None = None) -> Path:
             final_loss=losses[-1] if losses else None,
         )
         (args.output_dir / "retrieval_training.json").write_text(json.dumps(record, indent=2))
+    end_distributed_training()
     return args.output_dir
 
 
