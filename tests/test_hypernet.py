@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -9,7 +10,7 @@ import textwrap
 import pytest
 import torch
 from factories import tiny_causal_lm, tiny_tokenizer
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from hf_efficient.models import EmbeddingHypernetwork, HypernetConfig
 from hf_efficient.tokenization import DynamicBPE, RetrofittedModel
@@ -91,8 +92,58 @@ def test_bad_config_values_name_the_argument():
         HypernetConfig(cache_size=-1)
 
 
-def test_save_load_in_process_and_as_remote_code(tmp_path):
-    model = tiny_causal_lm("llama", vocab_size=96, tie_word_embeddings=False)
+def _saved_base(path, **overrides):
+    """A tiny causal LM saved to `path` and loaded back (so its `name_or_path` is that folder)."""
+    tiny_causal_lm("llama", vocab_size=96, **overrides).save_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_checkpoint_leaves_the_base_embeddings_out_and_reloads_exactly(tmp_path, tie):
+    model = _saved_base(tmp_path / "base", tie_word_embeddings=tie)
+    hypernet = _hypernet(model)
+    with torch.no_grad():
+        hypernet.output_in.weight.normal_(std=0.1)
+        expected = hypernet(hypernet.surface_matrix([(3, 4, 5), (6,)]))
+    hypernet.save_pretrained(tmp_path / "hypernet")
+    assert AutoConfig.from_pretrained(tmp_path / "hypernet").base_model_name_or_path == str(tmp_path / "base")
+    size = (tmp_path / "hypernet" / "model.safetensors").stat().st_size
+    own = sum(p.numel() * p.element_size() for p in hypernet.parameters())
+    assert own <= size < own + 16_384  # no copy of the base's embeddings, only the header besides the weights
+
+    for loaded in (
+        AutoModel.from_pretrained(tmp_path / "hypernet"),  # the base loaded from the config's path
+        EmbeddingHypernetwork.from_pretrained(tmp_path / "hypernet", base_model=model),  # or the one in memory
+    ):
+        assert isinstance(loaded, EmbeddingHypernetwork) and not loaded.training
+        assert torch.equal(loaded.source_embeddings, hypernet.source_embeddings)
+        with torch.no_grad():
+            got = loaded(loaded.surface_matrix([(3, 4, 5), (6,)]))
+        torch.testing.assert_close(got.input_embeddings, expected.input_embeddings, rtol=0, atol=0)
+        if not tie:
+            torch.testing.assert_close(got.output_embeddings, expected.output_embeddings, rtol=0, atol=0)
+
+    hypernet.save_pretrained(tmp_path / "whole", adapters_only=False)  # self-contained: the base's copy included
+    assert (tmp_path / "whole" / "model.safetensors").stat().st_size > size + hypernet.source_embeddings.nbytes
+    shutil.rmtree(tmp_path / "base")
+    whole = AutoModel.from_pretrained(tmp_path / "whole")
+    assert torch.equal(whole.source_embeddings, hypernet.source_embeddings)
+    with pytest.raises(ValueError, match="drop `base_model`"):
+        EmbeddingHypernetwork.from_pretrained(tmp_path / "whole", base_model=model)
+
+
+def test_checkpoint_of_an_unnamed_base_needs_the_base(tmp_path):
+    model = tiny_causal_lm("llama", vocab_size=96)  # built in memory: no path to record
+    hypernet = _hypernet(model)
+    hypernet.save_pretrained(tmp_path / "hypernet")
+    with pytest.raises(ValueError, match="pass `base_model=`"):
+        AutoModel.from_pretrained(tmp_path / "hypernet")
+    loaded = EmbeddingHypernetwork.from_pretrained(tmp_path / "hypernet", base_model=model)
+    assert torch.equal(loaded.source_embeddings, hypernet.source_embeddings)
+
+
+def test_remote_code_loads_without_hf_efficient(tmp_path):
+    model = _saved_base(tmp_path / "base", tie_word_embeddings=False)
     hypernet = _hypernet(model)
     with torch.no_grad():
         hypernet.output_in.weight.normal_(std=0.1)
@@ -101,12 +152,6 @@ def test_save_load_in_process_and_as_remote_code(tmp_path):
     hypernet.save_pretrained(folder)
     assert {"configuration_hypernet.py", "modeling_hypernet.py"} <= set(os.listdir(folder))
     assert AutoConfig.from_pretrained(folder).model_type == "hfe_hypernet"
-    loaded = AutoModel.from_pretrained(folder).eval()
-    assert isinstance(loaded, EmbeddingHypernetwork)
-    with torch.no_grad():
-        got = loaded(loaded.surface_matrix([(3, 4, 5), (6,)]))
-    torch.testing.assert_close(got.input_embeddings, expected.input_embeddings)
-    torch.testing.assert_close(got.output_embeddings, expected.output_embeddings)
 
     script = textwrap.dedent(
         f"""
@@ -185,7 +230,10 @@ def _recipe_run(tmp_path, max_steps, **kwargs):
     from hf_efficient.recipes.train_hypernet import train_hypernet
 
     tokenizer = tiny_tokenizer()
-    model = tiny_causal_lm("llama", vocab_size=len(tokenizer), tie_word_embeddings=False)
+    base = tmp_path / "base"  # loaded from disk, so that the hypernetwork's checkpoint names it
+    if not base.is_dir():
+        tiny_causal_lm("llama", vocab_size=len(tokenizer), tie_word_embeddings=False).save_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
     texts = [f"def f{i}(x):\n    return x + {i}  # the sum of the values" for i in range(32)]
     return train_hypernet(
         model,

@@ -79,7 +79,7 @@ def _trained_chunkllm(quick: bool, device: str, backbone: Path | None = None) ->
     """
     from transformers import AutoModelForCausalLM
 
-    from hf_efficient.models.chunkllm import modeling_chunkllm
+    from hf_efficient.models.chunkllm import backbone_chunkllm, modeling_chunkllm
     from hf_efficient.recipes import train_chunkllm, train_retrieval_lm
     from hf_efficient.reference import reference_model_path
 
@@ -88,7 +88,7 @@ def _trained_chunkllm(quick: bool, device: str, backbone: Path | None = None) ->
     args = [f"--backbone={backbone}", f"--max-steps={steps}", f"--seq-len={seq_len}"]
     args += [f"--local-chunks={LOCAL_CHUNKS}", f"--max-documents={40 if quick else 400}", "--quiet"]
     args += [f"--key-value-documents={key_value}"]
-    sources = (modeling_chunkllm.__file__, train_retrieval_lm.__file__)
+    sources = (modeling_chunkllm.__file__, backbone_chunkllm.__file__, train_retrieval_lm.__file__)
     out = _cached_training(f"chunkllm-{Path(backbone).name}", train_chunkllm, args, *sources)
     return AutoModelForCausalLM.from_pretrained(out).to(device).eval(), steps, seq_len, key_value
 

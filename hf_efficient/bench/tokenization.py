@@ -156,7 +156,7 @@ def _trained_hypernet(name: str, model, tokenizer, texts: list[str], training: d
         return EmbeddingHypernetwork.for_base_model(model, **HYPERNET_KWARGS).eval()
     folder = _hypernet_folder(name, model, texts, training)
     if (folder / "config.json").is_file():
-        return EmbeddingHypernetwork.from_pretrained(folder).eval()
+        return EmbeddingHypernetwork.from_pretrained(folder, base_model=model).eval()
     if not train:
         return None
     with torch.enable_grad():  # the benchmark parts run under no_grad

@@ -19,8 +19,10 @@ class ChunkLLMConfig(PreTrainedConfig):
     Args:
         backbone_config (`dict` or `PreTrainedConfig`, *optional*):
             Config of the backbone causal LM (Llama, Qwen2, Mistral, ... any decoder with rotary attention).
-        backbone_name_or_path (`str`, *optional*):
-            Where the backbone came from (Hub id or local path), kept as a reference in saved checkpoints.
+        base_model_name_or_path (`str`, *optional*):
+            Where the backbone comes from (Hub id or local path; PEFT's name for it). `save_pretrained` writes only the
+            adapters, and `from_pretrained` loads the backbone from here. Configs saved before this field read
+            `backbone_name_or_path`, which is still accepted.
         adapter_dim (`int`, *optional*, defaults to 32):
             Width per KV head of the Q/K adapters that score chunks.
         boundary_hidden_size (`int`, *optional*, defaults to 64):
@@ -65,7 +67,7 @@ class ChunkLLMConfig(PreTrainedConfig):
     }
 
     backbone_config: dict | PreTrainedConfig | None = None
-    backbone_name_or_path: str | None = None
+    base_model_name_or_path: str | None = None
     adapter_dim: int = 32
     boundary_hidden_size: int = 64
     top_k_chunks: int = 8
@@ -79,6 +81,9 @@ class ChunkLLMConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        legacy = kwargs.pop("backbone_name_or_path", None)  # the field's name in configs saved before adapters-only
+        if self.base_model_name_or_path is None:
+            self.base_model_name_or_path = legacy
         super().__post_init__(**kwargs)
         for name in ("adapter_dim", "boundary_hidden_size", "top_k_chunks", "prefill_block_size"):
             if getattr(self, name) < 1:

@@ -8,24 +8,48 @@ A backbone handed to `from_backbone` is never altered: the wrapper holds its own
 parameters, hooks and attention setting) over the same weight storage (`share_weights`).
 When every query may read all its closed chunks, the attention function calls SDPA with the backbone's own
 arguments, so outputs are bit-identical to the backbone's.
+Checkpoints hold the adapters only and name their backbone (`base_model_name_or_path`, as PEFT does), which
+`from_pretrained` loads (`checkpoint_chunkllm.py`).
 """
 
 import copy
-import inspect
 import os
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AttentionInterface, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import (
+    AttentionInterface,
+    AutoModelForCausalLM,
+    GenerationConfig,
+    GenerationMixin,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
 from transformers import initialization as init
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import cached_file, logging
 
-from .cache_argument import CACHE_ARG, CACHE_ARG_SPELLINGS, cache_kwarg, either_cache
+from .backbone_chunkllm import (
+    BACKBONE_PREFIX,
+    HUB_KWARGS,
+    backbone_loading_kwargs,
+    check_backbone,
+    check_backbone_matches,
+    is_adapter_checkpoint,
+    load_or_share,
+    peft_adapter_base,
+    saved_tensor_names,
+    weights_name,
+)
+from .cache_argument import CACHE_ARG, cache_kwarg, either_cache
 from .cache_chunkllm import ChunkLLMCache, DecodeSelection
 from .configuration_chunkllm import ChunkLLMConfig
+
+logger = logging.get_logger(__name__)
 
 ATTENTION_NAME = "chunkllm"
 _MASKED = -1e9  # finite, so queries without closed chunks keep finite gradients
@@ -286,39 +310,6 @@ def _hook_attention_inputs(backbone: PreTrainedModel) -> None:
             layer.self_attn._chunkllm_hooked = True
 
 
-def share_weights(module: nn.Module) -> nn.Module:
-    """A copy of `module`'s tree (submodules, config, hooks) over the same weight storage, with parameters of its own
-    that are frozen: freezing, hooking or switching the attention of the copy leaves `module` as it was, and no
-    weight is duplicated. Quantized parameters (a `Parameter` subclass, already frozen) are shared as they are."""
-    memo: dict[int, object] = {}
-    for parameter in module.parameters():
-        shared = type(parameter) is not nn.Parameter
-        memo[id(parameter)] = parameter if shared else nn.Parameter(parameter.detach(), requires_grad=False)
-    for buffer in module.buffers():
-        memo[id(buffer)] = buffer
-    return copy.deepcopy(module, memo)
-
-
-def check_backbone(backbone: PreTrainedModel) -> None:
-    """`ValueError` unless `backbone` is a decoder with rotary attention, a KV cache and the v5 attention interface."""
-    config, name = backbone.config, type(backbone).__name__
-    if getattr(config, "rope_parameters", None) is None or not hasattr(backbone.base_model, "rotary_emb"):
-        raise ValueError(
-            f"ChunkLLM needs a decoder with rotary attention (Llama, Qwen2, Mistral families); {name} "
-            f"(model_type={config.model_type!r}) has no rotary embedding."
-        )
-    parameters = inspect.signature(backbone.forward).parameters
-    if not any(name in parameters for name in CACHE_ARG_SPELLINGS):
-        raise ValueError(
-            f"ChunkLLM needs a backbone with a KV cache; {name} (model_type={config.model_type!r}) takes no "
-            f"`{CACHE_ARG}` (encoders cannot be used)."
-        )
-    layers = getattr(backbone.base_model, "layers", None)
-    attentions = [getattr(layer, "self_attn", None) for layer in layers or []]
-    if not attentions or any(not hasattr(attn, "num_key_value_groups") for attn in attentions):
-        raise ValueError(f"ChunkLLM expects `{name}.base_model.layers[i].self_attn` with grouped-query attention")
-
-
 class ChunkLLMPreTrainedModel(PreTrainedModel):
     config_class = ChunkLLMConfig
     base_model_prefix = "chunkllm"
@@ -349,6 +340,15 @@ class ChunkLLMForCausalLM(ChunkLLMPreTrainedModel, GenerationMixin):
     Paper: ChunkLLM: A Lightweight Pluggable Framework for Accelerating LLMs Inference (Ouyang et al., 2025,
     arXiv:2510.02361).
 
+    `save_pretrained` writes the adapters, the config and `base_model_name_or_path` (the backbone's path or Hub
+    id), not the backbone; `from_pretrained` (or `AutoModelForCausalLM.from_pretrained(folder,
+    trust_remote_code=True)`) loads that backbone and attaches the adapters. `save_pretrained(...,
+    adapters_only=False)` writes a self-contained checkpoint, backbone included.
+
+    PEFT: `LoraConfig(target_modules=ChunkLLMForCausalLM.lora_target_modules)` puts LoRA on the adapters' linear
+    layers (`qk_adapters.{i}.q_proj`, `qk_adapters.{i}.k_proj`, `boundary_adapter.up`, `boundary_adapter.out`) and
+    leaves the backbone, whose attention also has `q_proj` / `k_proj`, alone (`docs/peft.md`).
+
     Example:
 
     ```python
@@ -357,8 +357,13 @@ class ChunkLLMForCausalLM(ChunkLLMPreTrainedModel, GenerationMixin):
     >>> out = model.generate(input_ids, max_new_tokens=32)
     >>> model.kv_retention
     0.47
+    >>> model.save_pretrained("chunkllm-adapters")  # adapters + config; the backbone stays at path/to/llama
+    >>> model = AutoModelForCausalLM.from_pretrained("chunkllm-adapters", trust_remote_code=True)
     ```
     """
+
+    # a regex over full module names (PEFT matches a string with `re.fullmatch`): the adapters' linear layers only
+    lora_target_modules: ClassVar[str] = r"(.*\.)?(qk_adapters\.\d+\.(q_proj|k_proj)|boundary_adapter\.(up|out))"
 
     def __init__(self, config: ChunkLLMConfig, backbone: PreTrainedModel | None = None):
         super().__init__(config)
@@ -400,17 +405,13 @@ class ChunkLLMForCausalLM(ChunkLLMPreTrainedModel, GenerationMixin):
                 `{"quantization_config": BitsAndBytesConfig(load_in_4bit=True)}`.
             **config_kwargs: other [`ChunkLLMConfig`] fields (`local_chunks`, `adapter_dim`, ...).
         """
-        if isinstance(backbone_or_path, (str, os.PathLike)):
-            backbone = AutoModelForCausalLM.from_pretrained(backbone_or_path, **(backbone_kwargs or {}))
-            name_or_path = str(backbone_or_path)
-        else:
-            backbone, name_or_path = share_weights(backbone_or_path), backbone_or_path.config._name_or_path or None
+        backbone, name_or_path = load_or_share(backbone_or_path, backbone_kwargs or {})
         check_backbone(backbone)
         backbone_config = backbone.config.to_dict()
         backbone_config.pop("quantization_config", None)  # the saved wrapper holds plain weights
         config = ChunkLLMConfig(
             backbone_config=backbone_config,
-            backbone_name_or_path=name_or_path,
+            base_model_name_or_path=name_or_path,
             top_k_chunks=top_k_chunks,
             sink_tokens=sink_tokens,
             bos_token_id=backbone.config.bos_token_id,
@@ -420,9 +421,146 @@ class ChunkLLMForCausalLM(ChunkLLMPreTrainedModel, GenerationMixin):
         )
         model = cls(config, backbone=backbone)
         model.generation_config = copy.deepcopy(backbone.generation_config)
-        device = backbone.get_input_embeddings().weight.device
-        model.boundary_adapter.to(device)  # only the adapters move: a quantized backbone refuses `.to`
-        model.qk_adapters.to(device)
+        model._adapters_to_backbone_device()
+        return model
+
+    def _adapters_to_backbone_device(self, dtype: torch.dtype | None = None) -> None:
+        device = self.backbone.get_input_embeddings().weight.device
+        self.boundary_adapter.to(device, dtype)  # only the adapters move: a quantized backbone refuses `.to`
+        self.qk_adapters.to(device, dtype)
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapters' weights, what `save_pretrained` writes: every `state_dict()` entry outside the backbone."""
+        return {name: tensor for name, tensor in self.state_dict().items() if not name.startswith(BACKBONE_PREFIX)}
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        is_main_process: bool = True,
+        state_dict: dict | None = None,
+        *,
+        adapters_only: bool = True,
+        **kwargs,
+    ) -> None:
+        r"""
+        Save the adapters, the config (with `base_model_name_or_path`) and the remote code; the backbone is not
+        written, so the checkpoint is the size of the adapters. All other arguments are `PreTrainedModel`'s
+        (`push_to_hub`, `max_shard_size`, ...); `Trainer` checkpoints are adapter checkpoints too.
+
+        Args:
+            save_directory (`str` or `os.PathLike`): the folder to write.
+            adapters_only (`bool`, *optional*, defaults to `True`): `False` also writes the backbone's weights, a
+                self-contained checkpoint the size of the backbone (refused for a quantized backbone: save it with its
+                own `save_pretrained` and point `base_model_name_or_path` at it).
+        """
+        if adapters_only:
+            state_dict = self.state_dict() if state_dict is None else state_dict
+            state_dict = {name: value for name, value in state_dict.items() if not name.startswith(BACKBONE_PREFIX)}
+            if self.config.base_model_name_or_path is None and is_main_process:
+                logger.warning(
+                    "config.base_model_name_or_path is None (the backbone was built in memory): the checkpoint holds "
+                    "the adapters only, so loading it needs `from_pretrained(path, backbone=...)`; set "
+                    "`config.base_model_name_or_path` to where the backbone is saved, or save with adapters_only=False"
+                )
+        elif getattr(self.backbone, "hf_quantizer", None) is not None:
+            raise ValueError(
+                "adapters_only=False cannot write a quantized backbone inside the ChunkLLM checkpoint: save the "
+                "adapters (the default) and keep the backbone where config.base_model_name_or_path points"
+            )
+        super().save_pretrained(save_directory, is_main_process=is_main_process, state_dict=state_dict, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args,
+        backbone: PreTrainedModel | str | os.PathLike | None = None,
+        backbone_kwargs: dict | None = None,
+        **kwargs,
+    ) -> "ChunkLLMForCausalLM":
+        r"""
+        Load a saved ChunkLLM. An adapter checkpoint (what `save_pretrained` writes by default) loads its backbone
+        from `config.base_model_name_or_path` (offline when that is a local folder) and attaches the adapters; a
+        checkpoint saved with `adapters_only=False` loads as any model does.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`): the checkpoint's folder or Hub id.
+            backbone (`PreTrainedModel` or `str`, *optional*): the backbone to attach the adapters to instead of the
+                one the config names (e.g. a local copy of it); a model passed in is left as it was (`from_backbone`).
+            backbone_kwargs (`dict`, *optional*): `from_pretrained` arguments for the backbone only.
+            kwargs: [`ChunkLLMConfig`] fields (e.g. `top_k_chunks=16`) override the saved ones; `revision` and
+                `subfolder` locate the checkpoint; every other argument (`dtype`, `device_map`, `token`,
+                `quantization_config=BitsAndBytesConfig(load_in_4bit=True)`, ...) goes to the backbone's
+                `from_pretrained`. The adapters keep the dtype they were saved in.
+        """
+        # a PEFT adapter (LoRA on the ChunkLLM adapters): the Auto classes name it in `adapter_kwargs`, a direct call
+        # gets its folder; it goes onto its base once that is loaded
+        peft_kwargs = dict(kwargs.get("adapter_kwargs") or {})
+        checkpoint, peft_path = pretrained_model_name_or_path, peft_kwargs.pop("_adapter_model_path", None)
+        if peft_path is None and (base := peft_adapter_base(pretrained_model_name_or_path, **kwargs)) is not None:
+            checkpoint, peft_path = base, pretrained_model_name_or_path
+        if is_adapter_checkpoint(saved_tensor_names(checkpoint, kwargs.get("variant"), **kwargs)):
+            model = cls._from_adapter_checkpoint(checkpoint, backbone, backbone_kwargs, kwargs)
+            if peft_path is not None:
+                if "token" in kwargs:
+                    peft_kwargs.setdefault("token", kwargs["token"])
+                name = kwargs.get("adapter_name", "default")
+                (model[0] if isinstance(model, tuple) else model).load_adapter(
+                    peft_path, adapter_name=name, adapter_kwargs=peft_kwargs
+                )
+            return model
+        if backbone is not None or backbone_kwargs is not None:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds its backbone (saved with adapters_only=False): drop "
+                "`backbone` and `backbone_kwargs`, or save the model again with adapters only"
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    @classmethod
+    def _from_adapter_checkpoint(
+        cls, path: str | os.PathLike, backbone, backbone_kwargs: dict | None, kwargs: dict
+    ) -> "ChunkLLMForCausalLM":
+        """Load the backbone the checkpoint names (or `backbone`), then the adapters' weights into a fresh wrapper."""
+        from safetensors.torch import load_file
+
+        kwargs = dict(kwargs)
+        config, output_loading_info = kwargs.pop("config", None), kwargs.pop("output_loading_info", False)
+        hub_kwargs = {name: kwargs[name] for name in HUB_KWARGS if name in kwargs}
+        overrides = {name: kwargs.pop(name) for name in list(kwargs) if name in ChunkLLMConfig.__annotations__}
+        if not isinstance(config, PreTrainedConfig):
+            config = ChunkLLMConfig.from_pretrained(config if config is not None else path, **hub_kwargs)
+        # a copy (validated again when fields change): the caller's config object is left as it was
+        config = ChunkLLMConfig.from_dict({**config.to_dict(), **overrides}) if overrides else copy.deepcopy(config)
+        config.name_or_path = str(path)
+        source = backbone if backbone is not None else config.base_model_name_or_path
+        if source is None:
+            raise ValueError(
+                f"{path} holds ChunkLLM adapters only and names no backbone (config.base_model_name_or_path is None): "
+                "pass `backbone=` (the model the adapters were trained on, or its path)"
+            )
+        loading = {**backbone_loading_kwargs(kwargs), **(backbone_kwargs or {})}
+        loaded, name_or_path = load_or_share(source, loading)
+        check_backbone(loaded)
+        check_backbone_matches(config.backbone_config, loaded, str(name_or_path or type(loaded).__name__))
+        if backbone is not None and name_or_path is not None:
+            config.base_model_name_or_path = name_or_path  # re-saving points at the backbone actually used
+
+        model = cls(config, backbone=loaded)
+        state = load_file(cached_file(path, weights_name(kwargs.get("variant")), **hub_kwargs))
+        model._adapters_to_backbone_device(next(iter(state.values())).dtype if state else None)  # the saved dtype
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [name for name in missing if not name.startswith(BACKBONE_PREFIX)]
+        if missing or unexpected:
+            raise ValueError(
+                f"{path} does not hold the adapters of this ChunkLLMConfig: missing {missing}, unexpected {unexpected}"
+            )
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(path, **hub_kwargs)
+        except OSError:  # saved without one: the backbone's
+            model.generation_config = copy.deepcopy(loaded.generation_config)
+        model.eval()
+        if output_loading_info:
+            return model, {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(), "error_msgs": []}
         return model
 
     def get_input_embeddings(self) -> nn.Module:

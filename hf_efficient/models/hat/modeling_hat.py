@@ -21,13 +21,12 @@ from torch import nn
 from transformers import GenerationMixin, LlamaConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from .cache_argument import cache_kwarg, either_cache
 from .cache_hat import HATCache, HATState
 from .cache_slots import filled_positions, put_rows, take_rows
 from .configuration_hat import HATConfig
-from .layers_hat import HATCrossAttention, HATStack, attention_bias
+from .layers_hat import HATCrossAttention, HATRMSNorm, HATStack, attention_bias
 from .splitter_hat import word_starts
 
 __all__ = ["HATCache", "HATCausalLMOutput", "HATForCausalLM", "HATPreTrainedModel"]
@@ -80,9 +79,19 @@ class HATForCausalLM(HATPreTrainedModel, GenerationMixin):
     >>> batch = tok(["Hello there", "def f("], padding=True, padding_side="left", return_tensors="pt")
     >>> out = model.generate(**batch, max_new_tokens=16, do_sample=False)
     ```
+
+    PEFT: `LoraConfig(target_modules=HATForCausalLM.lora_target_modules)` puts LoRA on the attention (`q_proj`,
+    `k_proj`, `v_proj`, `o_proj`) and MLP (`gate_proj`, `up_proj`, `down_proj`) layers of the byte encoder, the word
+    backbone and the byte decoder, and on the word pooler and the decoder's cross-attention (their projections
+    have the same names); `word_in` / `word_out` can be added. `lm_head` is tied to the byte embeddings
+    (`docs/peft.md`).
     """
 
     _tied_weights_keys: ClassVar[dict[str, str]] = {"lm_head.weight": "embeddings.weight"}
+    lora_target_modules: ClassVar[list[str]] = [
+        *("q_proj", "k_proj", "v_proj", "o_proj"),
+        *("gate_proj", "up_proj", "down_proj"),
+    ]
 
     def __init__(self, config: HATConfig) -> None:
         super().__init__(config)
@@ -95,9 +104,7 @@ class HATForCausalLM(HATPreTrainedModel, GenerationMixin):
         self.backbone = HATStack(config, config.backbone_layers, backbone=True)
         self.word_out = nn.Linear(d_word, d, bias=False)
         self.start_memory = nn.Parameter(torch.zeros(d))  # what bytes of the first word read
-        self.cross_norms = nn.ModuleList(
-            LlamaRMSNorm(d, eps=config.rms_norm_eps) for _ in range(config.decoder_layers)
-        )
+        self.cross_norms = nn.ModuleList(HATRMSNorm(d, eps=config.rms_norm_eps) for _ in range(config.decoder_layers))
         self.cross_attns = nn.ModuleList(HATCrossAttention(config, d) for _ in range(config.decoder_layers))
         self.decoder = HATStack(config, config.decoder_layers, backbone=False)
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)

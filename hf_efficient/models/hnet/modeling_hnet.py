@@ -24,7 +24,7 @@ from .cache_argument import cache_kwarg, either_cache
 from .cache_hnet import HNetCache, HNetStageCache
 from .cache_slots import put_rows, take_rows
 from .configuration_hnet import HNetConfig
-from .dynamic_chunking_hnet import HNetRouter, chunk, dechunk, ratio_loss, straight_through
+from .dynamic_chunking_hnet import HNetDeChunk, HNetRouter, chunk, ratio_loss, straight_through
 from .layers_hnet import HNetRecurrentBlock, HNetStack, HNetStackCache, last_valid_index
 
 __all__ = ["HNetCache", "HNetCausalLMOutput", "HNetForCausalLM", "HNetModel", "HNetPreTrainedModel"]
@@ -68,6 +68,7 @@ class HNetStage(nn.Module):
             return
         self.encoder = HNetStack(config, stage, encoder)
         self.routing_module = HNetRouter(self.hidden_size)
+        self.dechunk = HNetDeChunk()  # no parameters: its EMA scan is a kernelizable submodule
         self.residual_proj = nn.Linear(self.hidden_size, self.hidden_size)
         self.inner = HNetStage(config, stage + 1)
         self.decoder = HNetStack(config, stage, decoder)
@@ -115,7 +116,7 @@ class HNetStage(nn.Module):
         last_value = (
             take_rows(cache.last_value, rows) if cache else hidden.new_zeros(hidden.shape[0], self.hidden_size)
         )
-        upsampled, new_last_value = dechunk(inner, prob.gather(1, index), chunk_valid, boundary, last_value)
+        upsampled, new_last_value = self.dechunk(inner, prob.gather(1, index), chunk_valid, boundary, last_value)
         confidence = torch.where(boundary, prob, 1 - prob)  # c_t: probability of the decision taken
         z = upsampled * straight_through(confidence)[..., None] + self.residual_proj(hidden)
         out = self.decoder(z, valid, cache.decoder if cache else None, rows)
@@ -228,9 +229,20 @@ class HNetForCausalLM(HNetPreTrainedModel, GenerationMixin):
     >>> batch = tok(["def f(x):", "Hello"], padding=True, padding_side="left", return_tensors="pt")
     >>> out = model.generate(**batch, max_new_tokens=16, do_sample=False)
     ```
+
+    PEFT: `LoraConfig(target_modules=HNetForCausalLM.lora_target_modules)` puts LoRA on every linear layer of the
+    stacks: attention (`q_proj`, `k_proj`, `v_proj`, `o_proj`), MLPs (`gate_proj`, `up_proj`, `down_proj`) and
+    recurrent blocks (`in_proj`, `out_proj`); `q_proj` / `k_proj` also match the routers
+    (`routing_module.q_proj`), so chunk boundaries adapt too (the regex `r".*layers\.\d+\..*_proj"` leaves them
+    fixed). `lm_head` is tied to the byte embeddings (`docs/peft.md`).
     """
 
     _tied_weights_keys: ClassVar[dict[str, str]] = {"lm_head.weight": "model.embeddings.weight"}
+    lora_target_modules: ClassVar[list[str]] = [
+        *("q_proj", "k_proj", "v_proj", "o_proj"),
+        *("gate_proj", "up_proj", "down_proj"),
+        *("in_proj", "out_proj"),
+    ]
 
     def __init__(self, config: HNetConfig) -> None:
         super().__init__(config)

@@ -30,7 +30,8 @@ class HypernetConfig(PreTrainedConfig):
         dropout (`float`, *optional*, defaults to 0.0): dropout inside the transformer.
         layer_norm_eps (`float`, *optional*, defaults to 1e-5): LayerNorm epsilon.
         initializer_range (`float`, *optional*, defaults to 0.02): std of linear-layer initialisation.
-        base_model_name_or_path (`str`, *optional*): the base model the hypernetwork was trained for (metadata).
+        base_model_name_or_path (`str`, *optional*): the base model the hypernetwork was trained for (path or Hub id,
+            PEFT's name for it); `from_pretrained` copies the base's embeddings from there.
     """
 
     model_type = "hfe_hypernet"

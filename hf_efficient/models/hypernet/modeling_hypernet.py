@@ -12,23 +12,49 @@ transformer and pooled at the first position. The prediction is the mean of the 
 a correction from the pooled state whose projection starts at zero, so a fresh hypernetwork already maps
 every base token to its own embedding (the identity warm-up's fixed point) and training only has to learn
 how multi-piece tokens differ from the mean of their pieces.
+
+Checkpoints hold the hypernetwork's own weights and name the base model (`base_model_name_or_path`, as PEFT does);
+`from_pretrained` copies the base's embeddings back in from there.
 """
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, cached_file, logging
 
 from .configuration_hypernet import HypernetConfig
 
 __all__ = ["EmbeddingCache", "EmbeddingHypernetwork", "HypernetOutput"]
+
+logger = logging.get_logger(__name__)
+
+_BASE_BUFFER = "source_embeddings"  # the base model's embeddings: written by `adapters_only=False` only
+# `from_pretrained` arguments that locate files; those that locate the checkpoint itself do not apply to the base
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
+_CHECKPOINT_ONLY_KWARGS = ("revision", "subfolder")
+
+
+def _saved_tensor_names(name_or_path: str | os.PathLike, **kwargs) -> set[str] | None:
+    """Names of the tensors in the checkpoint's single `model.safetensors` (its header only); `None` without one."""
+    from safetensors import safe_open
+
+    hub_kwargs = {name: value for name, value in kwargs.items() if name in _HUB_KWARGS}
+    variant = kwargs.get("variant")
+    filename = "model.safetensors" if variant is None else f"model.{variant}.safetensors"
+    resolved = cached_file(name_or_path, filename, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+    if resolved is None:
+        return None
+    with safe_open(resolved, framework="pt") as file:
+        return set(file.keys())
 
 
 @dataclass
@@ -105,7 +131,10 @@ class EmbeddingHypernetwork(PreTrainedModel):
 
     Paper: Zero-Shot Tokenizer Transfer (arXiv:2405.07883).
 
-    The base model's embeddings are kept in the `source_embeddings` buffer, so a saved hypernetwork is
+    The base model's embeddings are kept in the `source_embeddings` buffer. `save_pretrained` writes the
+    hypernetwork's own weights and its config (`base_model_name_or_path` names the base), not that copy;
+    `from_pretrained` (or `AutoModel.from_pretrained(folder, trust_remote_code=True)`) copies the embeddings back in
+    from the base model. `save_pretrained(..., adapters_only=False)` keeps the copy in the checkpoint, which is then
     self-contained. In eval mode, `embed` serves repeated tokens from an LRU cache of `config.cache_size` rows.
 
     Example:
@@ -115,6 +144,8 @@ class EmbeddingHypernetwork(PreTrainedModel):
     hypernet = EmbeddingHypernetwork(config)
     hypernet.set_source_embeddings(base.get_input_embeddings().weight)
     out = hypernet.embed([(17, 5), (9,)])  # out.input_embeddings: (2, E); (9,) gives row 9 exactly at init
+    hypernet.save_pretrained("hypernet")  # weights + config; the base's embeddings stay with the base
+    hypernet = EmbeddingHypernetwork.from_pretrained("hypernet", base_model=base)  # or loaded from the config's path
     ```
     """
 
@@ -122,6 +153,8 @@ class EmbeddingHypernetwork(PreTrainedModel):
     base_model_prefix = "hypernet"
     main_input_name = "surface_ids"
     supports_gradient_checkpointing = False
+    # adapter checkpoints leave the base's embeddings out; `from_pretrained` copies them in from the base model
+    _keys_to_ignore_on_load_missing: ClassVar[list[str]] = [rf"^{_BASE_BUFFER}$"]
 
     def __init__(self, config: HypernetConfig) -> None:
         super().__init__(config)
@@ -165,6 +198,87 @@ class EmbeddingHypernetwork(PreTrainedModel):
         hypernet = cls(config)
         hypernet.set_source_embeddings(table, head.weight if untied else None)
         return hypernet
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        is_main_process: bool = True,
+        state_dict: dict | None = None,
+        *,
+        adapters_only: bool = True,
+        **kwargs,
+    ) -> None:
+        r"""
+        Save the hypernetwork's weights, its config (with `base_model_name_or_path`) and the remote code, without its
+        copy of the base model's embeddings. All other arguments are `PreTrainedModel`'s.
+
+        Args:
+            save_directory (`str` or `os.PathLike`): the folder to write.
+            adapters_only (`bool`, *optional*, defaults to `True`): `False` also writes the base's embeddings
+                (`source_embeddings`, `V x E` or `V x 2E`), so that loading needs no base model.
+        """
+        if adapters_only:
+            state_dict = self.state_dict() if state_dict is None else state_dict
+            state_dict = {name: value for name, value in state_dict.items() if name != _BASE_BUFFER}
+            if self.config.base_model_name_or_path is None and is_main_process:
+                logger.warning(
+                    "config.base_model_name_or_path is None (the base model was built in memory): loading this "
+                    "checkpoint needs `from_pretrained(path, base_model=...)`; set the field to where the base model "
+                    "is saved, or save with adapters_only=False"
+                )
+        super().save_pretrained(save_directory, is_main_process=is_main_process, state_dict=state_dict, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args,
+        base_model: PreTrainedModel | None = None,
+        base_model_kwargs: dict | None = None,
+        **kwargs,
+    ) -> EmbeddingHypernetwork:
+        r"""
+        Load a saved hypernetwork. A checkpoint without the base's embeddings (what `save_pretrained` writes by
+        default) gets them from `base_model`, or else from the model at `config.base_model_name_or_path` (offline
+        when that is a local folder), loaded for this purpose only.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`): the checkpoint's folder or Hub id.
+            base_model (`PreTrainedModel`, *optional*): the base model, already loaded (nothing is loaded twice).
+            base_model_kwargs (`dict`, *optional*): `from_pretrained` arguments for loading the base model.
+            kwargs: `PreTrainedModel.from_pretrained` arguments; `token`, `cache_dir` and `local_files_only`
+                apply to the base model too.
+        """
+        names = _saved_tensor_names(pretrained_model_name_or_path, **kwargs)
+        adapters_only = names is not None and _BASE_BUFFER not in names
+        if not adapters_only and (base_model is not None or base_model_kwargs is not None):
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds the base's embeddings (saved with adapters_only=False): drop "
+                "`base_model` and `base_model_kwargs`"
+            )
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        if adapters_only:
+            hypernet = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading info) on request
+            if base_model is None:
+                shared = {k: v for k, v in kwargs.items() if k in _HUB_KWARGS and k not in _CHECKPOINT_ONLY_KWARGS}
+                loading = {**shared, **(base_model_kwargs or {})}
+                base_model = hypernet._load_base(loading, pretrained_model_name_or_path)
+            head = base_model.get_output_embeddings() if hypernet.config.separate_output else None
+            hypernet.set_source_embeddings(base_model.get_input_embeddings().weight, head.weight if head else None)
+        return loaded
+
+    def _load_base(self, loading_kwargs: dict, checkpoint: str | os.PathLike) -> PreTrainedModel:
+        """The base model named by the config: a causal LM when the hypernetwork predicts output embeddings too."""
+        path = self.config.base_model_name_or_path
+        if path is None:
+            raise ValueError(
+                f"{checkpoint} holds the hypernetwork only and names no base model (config.base_model_name_or_path is "
+                "None): pass `base_model=` (the model it was trained for)"
+            )
+        base_config = AutoConfig.from_pretrained(path, **loading_kwargs)
+        causal = self.config.separate_output or any(a.endswith("ForCausalLM") for a in base_config.architectures or [])
+        auto = AutoModelForCausalLM if causal else AutoModel
+        return auto.from_pretrained(path, config=base_config, **loading_kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
