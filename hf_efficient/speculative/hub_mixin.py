@@ -62,12 +62,18 @@ class StrategyHubMixin(
 
     def _save_state(self, folder: Path) -> dict[str, Any]:
         """Write the state files into `folder`; return the JSON-serialisable settings for `config.json`."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} does not define `_save_state(folder)`, so it cannot be saved or pushed; "
+            "implement it (and `_load_state`) to write its settings and learned state."
+        )
 
     @classmethod
     def _load_state(cls, folder: Path, config: dict[str, Any], device=None, **init_kwargs) -> StrategyHubMixin:
         """Rebuild the strategy from `folder`; `init_kwargs` are the `__init__` arguments found in `config`."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{cls.__name__} does not define `_load_state(folder, config)`, so it cannot be loaded; implement it "
+            "next to `_save_state`."
+        )
 
     def _save_pretrained(self, save_directory: Path) -> None:
         settings = self._save_state(Path(save_directory))
