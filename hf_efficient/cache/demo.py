@@ -114,6 +114,7 @@ def _real_model_caches(model, tokenizer) -> None:
         "DynamicCache": lambda: DynamicCache(config=config),
         "GEARCache 4-bit": lambda: GEARCache(config, bits=4),
         "KIVICache 2-bit": lambda: KIVICache(config, bits=2),
+        "KIVICache 2-bit, 4-bit keys": lambda: KIVICache(config, bits=2, key_bits=4),
         "StreamingCache 4+252": lambda: StreamingCache(config, sink_tokens=4, window=252),
         "SnapKVCache 256": lambda: SnapKVCache(config, budget=256),
     }
