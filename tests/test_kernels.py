@@ -360,7 +360,9 @@ def test_remote_code_files_work_without_kernels(family, tmp_path, monkeypatch):
     layers = importlib.import_module(f"{package}.layers_{family}")
     modeling = importlib.import_module(f"{package}.modeling_{family}")
     marked = [cls for cls in vars(layers).values() if isinstance(cls, type) and cls.__module__ == layers.__name__]
-    assert marked and not any(hasattr(cls, "kernel_layer_name") for cls in marked)
+    # our decorator sets `kernel_layer_name` on the class itself; a base class transformers marked (`LlamaRMSNorm`,
+    # on releases whose own hub-kernel integration is on) may still carry it, inherited
+    assert marked and not any("kernel_layer_name" in vars(cls) for cls in marked)
     prefix, kwargs = ("HNet", HNET) if family == "hnet" else ("HAT", HAT)
     config = getattr(modeling, f"{prefix}Config")(**kwargs)
     model = getattr(modeling, f"{prefix}ForCausalLM")(config).eval()
