@@ -13,6 +13,7 @@ python recipes/train_chunkllm.py --output-dir runs/chunkllm                     
 accelerate launch recipes/train_chunkllm.py --backbone path/to/llama --output-dir runs/chunkllm --max-steps 500
 hf-efficient train train_chunkllm -- --output-dir runs/chunkllm --seq-len 1024 --top-k-chunks 16
 python recipes/train_chunkllm.py --backbone path/to/llama --load-in-4bit --output-dir runs/chunkllm-4bit
+python recipes/train_chunkllm.py --backbone path/to/smollm2 --backbone-dtype bfloat16 --output-dir runs/smollm2
 python recipes/train_chunkllm.py --adapters runs/chunkllm --lora --output-dir runs/chunkllm-code --text-file code.txt
 ```
 
@@ -20,10 +21,11 @@ Checkpoints go to `--output-dir/checkpoint-*` and a rerun resumes from the last 
 adapter checkpoint naming its backbone, loadable with `AutoModelForCausalLM`), the tokenizer and a model card go to
 `--output-dir`.
 
-The backbone is frozen, so it can be loaded quantized (`--load-in-4bit` / `--load-in-8bit`, bitsandbytes): only the
-adapters train, in float32. `--adapters PATH` continues from trained adapters; `--lora` then fine-tunes them with
-LoRA on their linear layers (`ChunkLLMForCausalLM.lora_target_modules`), e.g. for another domain: the PEFT adapter
-goes to `--output-dir/lora` and the merged adapters to `--output-dir`, as without `--lora`.
+The backbone is frozen, so it can be loaded in bfloat16 (`--backbone-dtype bfloat16`) or quantized
+(`--load-in-4bit` / `--load-in-8bit`, bitsandbytes): only the adapters train, in float32. `--adapters PATH` continues
+from trained adapters; `--lora` then fine-tunes them with LoRA on their linear layers
+(`ChunkLLMForCausalLM.lora_target_modules`), e.g. for another domain: the PEFT adapter goes to `--output-dir/lora` and
+the merged adapters to `--output-dir`, as without `--lora`.
 """
 
 from __future__ import annotations
@@ -105,6 +107,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--distillation-target", choices=DISTILLATION_TARGETS, default="chunk", help="see `ChunkLLMConfig`"
     )
+    parser.add_argument(
+        "--backbone-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="dtype of the frozen backbone (bfloat16: half the memory, fast on CPUs with AMX); adapters stay float32",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_peft_arguments(
@@ -134,13 +142,12 @@ def _model(args: argparse.Namespace, backbone: str):
         boundary_loss_weight=args.boundary_loss_weight,
         distillation_target=args.distillation_target,
     )
+    loading = quantized_loading(args) or {"dtype": getattr(torch, args.backbone_dtype)}
     if args.adapters is None:
         return ChunkLLMForCausalLM.from_backbone(
-            backbone, adapter_dim=args.adapter_dim or 32, backbone_kwargs=quantized_loading(args), **settings
+            backbone, adapter_dim=args.adapter_dim or 32, backbone_kwargs=loading, **settings
         )
-    model = ChunkLLMForCausalLM.from_pretrained(
-        args.adapters, backbone=backbone, **quantized_loading(args), **settings
-    )
+    model = ChunkLLMForCausalLM.from_pretrained(args.adapters, backbone=backbone, **loading, **settings)
     if args.adapter_dim is not None and args.adapter_dim != model.config.adapter_dim:
         raise ValueError(
             f"--adapter-dim={args.adapter_dim} differs from the adapters in {args.adapters} "
@@ -235,6 +242,7 @@ def main(argv: list[str] | None = None) -> Path:
             "adapters": args.adapters,
             "lora": {"r": args.lora_r, "alpha": args.lora_alpha} if args.lora else None,
             "quantized_backbone": "4-bit" if args.load_in_4bit else "8-bit" if args.load_in_8bit else None,
+            "backbone_dtype": None if args.load_in_4bit or args.load_in_8bit else args.backbone_dtype,
         }
         (args.output_dir / "chunkllm_training.json").write_text(json.dumps(record, indent=2))
         mixed = f", {args.key_value_documents} key-value documents added" if args.key_value_documents else ""

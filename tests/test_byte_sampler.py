@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from factories import tiny_causal_lm, tiny_tokenizer
+from factories import tiny_causal_lm, tiny_hybrid_lm, tiny_tokenizer
 
 from hf_efficient.tokenization import ByteLevelSampler
 
@@ -43,6 +43,30 @@ def _brute_force(sampler, data: bytes) -> torch.Tensor:
             elif full.startswith(data) and sampler.encode_bytes(full) == [*seq, v]:
                 masses[full[len(data)]] += math.exp(_sequence_logp(sampler.model, [sampler.start, *seq, v]))
     return masses / masses.sum()
+
+
+def _brute_force_prefix(sampler, data: bytes) -> float:
+    """log P(data): every canonical sequence whose last token starts inside `data` and whose bytes start with it."""
+    table = sampler.token_bytes
+    tokens = [i for i, b in enumerate(table) if b]
+    terms, stack = [], [([], b"")]
+    while stack:
+        seq, decoded = stack.pop()
+        for v in tokens:
+            full = decoded + table[v]
+            if len(full) < len(data) and data.startswith(full):
+                stack.append(([*seq, v], full))
+            elif full.startswith(data) and sampler.encode_bytes(full) == [*seq, v]:
+                terms.append(_sequence_logp(sampler.model, [sampler.start, *seq, v]))
+    return float(torch.logsumexp(torch.tensor(terms, dtype=torch.float64), 0))
+
+
+@pytest.mark.parametrize("prompt", ["t", "the", "the cat sa", "a  ", "é", "日".encode()[:2]])
+def test_prefix_probability_matches_brute_force(sampler, prompt):
+    data = prompt.encode() if isinstance(prompt, str) else prompt
+    assert sampler.prefix_logprob(data) == pytest.approx(_brute_force_prefix(sampler, data), abs=1e-5)
+    logps = sampler.byte_logprobs(data)
+    assert float(logps.sum()) == pytest.approx(sampler.prefix_logprob(data), abs=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -104,3 +128,18 @@ def test_rejects_non_byte_level_and_bad_settings(sampler):
         ByteLevelSampler(sampler.model, word_level)
     with pytest.raises(ValueError, match="temperature"):
         sampler.generate("a", temperature=0.0, do_sample=True)
+
+
+def test_scorer_crops_exactly_past_a_sliding_window():
+    """Covers revisit prefixes in any order; the scorer's cache must roll back exactly, also past a sliding window."""
+    from hf_efficient.tokenization.byte_probabilities import _PrefixScorer
+
+    model = tiny_hybrid_lm(sliding_window=4, dtype=torch.float64)
+    scorer = _PrefixScorer(model, memo_size=0)
+    base = torch.randint(3, 96, (16,), generator=torch.Generator().manual_seed(0)).tolist()
+    for ids in [base, [*base[:9], 5, 6], base, [*base[:3], 7], [*base, 8, 9], base[:12]]:
+        prefix_logp, last = scorer([1, *ids])
+        with torch.no_grad():
+            full = model(torch.tensor([[1, *ids]])).logits[0].log_softmax(-1)  # (L, V), no cache
+        assert prefix_logp == pytest.approx(sum(float(full[i, ids[i]]) for i in range(len(ids))), abs=1e-9)
+        torch.testing.assert_close(last, full[-1])

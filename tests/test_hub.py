@@ -19,6 +19,7 @@ from packaging.version import Version
 
 from hf_efficient.hub import MODEL_CARDS_DIR, export_custom_generate, render_model_card
 from hf_efficient.speculative import AcceptanceHead, DraftModel, SpeculativeDecoder, TokenRecycling, trim_drafter_vocab
+from hf_efficient.speculative.cost_model import ForwardCostModel
 from hf_efficient.speculative.export import load_strategy, save_strategy
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +100,7 @@ def test_save_strategy_and_load_strategy_are_thin_wrappers(tmp_path):
     assert isinstance(loaded, TokenRecycling) and torch.equal(loaded.adjacency, strategy.adjacency)
 
 
-def test_auto_tree_timings_are_kept_on_the_same_device_and_retimed_on_another(tmp_path):
+def test_auto_tree_timings_are_kept_on_the_same_device_and_looked_up_again_on_another(tmp_path):
     target, strategy = tiny_causal_lm("llama"), TokenRecycling()
     target.generate(**_prompts(), max_new_tokens=6, custom_generate=strategy)
     strategy.save_pretrained(tmp_path)
@@ -109,7 +110,9 @@ def test_auto_tree_timings_are_kept_on_the_same_device_and_retimed_on_another(tm
     elsewhere = TokenRecycling.from_pretrained(tmp_path)
     elsewhere.forward_costs_device = "cuda:another accelerator"
     target.generate(**_prompts(seed=1), max_new_tokens=6, custom_generate=elsewhere)
-    assert elsewhere.forward_costs_device == "cpu" and elsewhere.forward_costs != strategy.forward_costs
+    # another device's timings are replaced by this machine's: measured once per machine, then read from disk
+    assert elsewhere.forward_costs_device == "cpu"
+    assert elsewhere.forward_costs == ForwardCostModel().forward_costs(target)
 
 
 class _FakeHub:

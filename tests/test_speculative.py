@@ -290,11 +290,15 @@ def test_sampling_is_lossless_chi_square(drafter):
     assert strategy.stats.mean_accepted > 1.1  # drafts were really exercised (at most 1.5 here)
     with torch.no_grad():
         exact = _exact_distribution(target, prompt, steps, 0.7, 5, eos=2)
-    generated = out[:, prompt.shape[1] :].tolist()
-    seen = {}
+    assert_sampled_like(out[:, prompt.shape[1] :].tolist(), exact, steps)
+
+
+def assert_sampled_like(generated: list[list[int]], exact: dict, steps: int, eos: int = 2) -> None:
+    """Chi-square test of sampled continuations (everything after the first `eos` masked) against `exact`."""
+    n, seen = len(generated), {}
     for row in generated:
         row = row + [0] * (steps - len(row))
-        key = tuple(t if i == 0 or 2 not in row[:i] else -1 for i, t in enumerate(row))
+        key = tuple(t if i == 0 or eos not in row[:i] else -1 for i, t in enumerate(row))
         seen[key] = seen.get(key, 0) + 1
     assert set(seen) <= set(exact), "sampled an outcome of probability zero"
     big = [k for k, p in exact.items() if p * n >= 5]
@@ -351,7 +355,7 @@ def test_recycling_auto_tree_and_paths():
     expected = target.generate(**inputs, max_new_tokens=12)
     auto = TokenRecycling(tree="auto")
     assert torch.equal(target.generate(**inputs, max_new_tokens=12, custom_generate=auto), expected)
-    assert set(auto.forward_costs) >= {4, 8, 80} and len(auto._parents) in auto.forward_costs
+    assert set(auto.forward_costs) >= {1, 8, 64} and set(auto._templates) >= {1, 8, 64}  # planned sizes, plain too
     paths = TokenRecycling(tree=[[0], [1], [0, 0], [0, 1], [0, 0, 0]])
     assert torch.equal(target.generate(**inputs, max_new_tokens=12, custom_generate=paths), expected)
     assert paths.stats.draft_tokens == 5 * (paths.stats.steps - 1)

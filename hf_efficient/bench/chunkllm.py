@@ -514,30 +514,36 @@ def run(device: str = "cpu", quick: bool = False) -> BenchReport:
     return report
 
 
-def _plot(report: BenchReport, lengths) -> Callable:
-    """Perplexity ratio per method on the target (bars), retrieval accuracy per method and layout on the retrieval
-    backbone (bars), and the decode speedup over full attention per context length (lines)."""
+def _grouped_bars(ax, rows: list[dict], columns: dict[str, str]) -> None:
+    """One group of bars per row (method), one bar per `{column: legend label}`."""
+    width = 0.8 / len(columns)
+    for i, (column, label) in enumerate(columns.items()):
+        offsets = [j + (i - (len(columns) - 1) / 2) * width for j in range(len(rows))]
+        ax.bar(offsets, [row[column] for row in rows], width, label=label)
+    ax.set_xticks(range(len(rows)), [row["method"] for row in rows], rotation=30, ha="right", fontsize="small")
+    if len(columns) > 1:
+        ax.legend(fontsize="small")
+
+
+def _plot(
+    report: BenchReport,
+    lengths,
+    quality_columns: dict[str, str] | None = None,
+    backbones: tuple[str, str] = ("target", "retrieval backbone"),
+) -> Callable:
+    """Perplexity ratio per method (bars, one per `quality_columns`), retrieval accuracy per method and layout
+    (bars), and the decode speedup over full attention per context length (lines)."""
+    quality_columns = quality_columns or {"perplexity_ratio": "perplexity"}
 
     def draw(fig) -> None:
         fig.set_size_inches(13, 4.5)
         quality, retrieval, speed = (fig.add_subplot(1, 3, i) for i in (1, 2, 3))
-        rows = [row for row in report.rows if "perplexity_ratio" in row]
-        quality.bar(range(len(rows)), [row["perplexity_ratio"] for row in rows])
-        quality.set_xticks(
-            range(len(rows)), [row["method"] for row in rows], rotation=30, ha="right", fontsize="small"
-        )
-        quality.set_ylabel("perplexity / full attention (target)")
+        _grouped_bars(quality, [row for row in report.rows if next(iter(quality_columns)) in row], quality_columns)
+        quality.set_ylabel(f"perplexity / full attention ({backbones[0]})")
         rows = [row for row in report.rows if f"retrieval_{LAYOUTS[0]}" in row]
-        width = 0.8 / len(LAYOUTS)
-        for i, layout in enumerate(LAYOUTS):
-            offsets = [j + (i - (len(LAYOUTS) - 1) / 2) * width for j in range(len(rows))]
-            retrieval.bar(offsets, [row[f"retrieval_{layout}"] for row in rows], width, label=f"{layout} layout")
-        retrieval.set_xticks(
-            range(len(rows)), [row["method"] for row in rows], rotation=30, ha="right", fontsize="small"
-        )
-        retrieval.set_ylabel("retrieval accuracy (retrieval backbone)")
+        _grouped_bars(retrieval, rows, {f"retrieval_{layout}": f"{layout} layout" for layout in LAYOUTS})
+        retrieval.set_ylabel(f"retrieval accuracy ({backbones[1]})")
         retrieval.set_ylim(0, 1.05)
-        retrieval.legend(fontsize="small")
         for row in report.rows:
             speedups = [row.get(f"speedup_{length}", math.nan) for length in lengths]
             if not any(math.isnan(value) for value in speedups):

@@ -40,6 +40,28 @@ BATCH = 4
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+# frozen before measuring: SmolLM2's drafter, cut from its first 3 layers + its last, distilled on its chat answers
+DRAFTER_TRAINING = dict(layers=4, steps=150, batch_size=8, prompt_tokens=64, completion_tokens=32, vocab_size=8192)
+
+
+def distilled_drafter(quick: bool = False) -> str:
+    """SmolLM2's same-tokenizer drafter (`recipes/distill_drafter.py --student-layers`), distilled into the reference
+    cache on first use."""
+    from hf_efficient.bench.chunkllm import _cached_training
+    from hf_efficient.recipes import distill_drafter
+    from hf_efficient.reference.real import real_model_path
+    from hf_efficient.speculative import layer_drafter, vocab_trim
+
+    setting = dict(DRAFTER_TRAINING, steps=2, batch_size=4, completion_tokens=4) if quick else DRAFTER_TRAINING
+    teacher = real_model_path(MODEL)
+    args = [f"--teacher={teacher}", f"--student-layers={setting['layers']}", "--chat", "--teacher-dtype=bfloat16"]
+    args += [f"--max-steps={setting['steps']}", f"--batch-size={setting['batch_size']}", "--learning-rate=1e-3"]
+    args += [f"--prompt-tokens={setting['prompt_tokens']}", f"--completion-tokens={setting['completion_tokens']}"]
+    args += [f"--vocab-size={setting['vocab_size']}", f"--num-prompts={setting['steps'] * setting['batch_size']}"]
+    sources = (layer_drafter.__file__, vocab_trim.__file__)
+    return str(_cached_training(f"drafter-{teacher.name}", distill_drafter, args, *sources))
+
+
 def _encode(tokenizer, conversations: list[list[dict[str, str]]], device: str) -> dict[str, torch.Tensor]:
     """A left-padded batch of chat-templated conversations on `device`."""
     return chat_inputs(tokenizer, conversations).to(device)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -79,12 +80,15 @@ class SpeculativeStats:
         new_tokens (`int`): tokens generated over all rows (padding after EOS excluded).
         row_forwards (`int`): sum over rows of the target forwards made while the row was unfinished.
         draft_tokens (`int`): draft nodes verified (root excluded), summed over steps and rows.
+        draft_seconds (`float`): wall time spent in the strategy's `draft` and `observe` (the drafting overhead,
+            to compare with the target forwards: `draft_seconds / (steps - 1)` per step).
     """
 
     steps: int = 0
     new_tokens: int = 0
     row_forwards: int = 0
     draft_tokens: int = 0
+    draft_seconds: float = 0.0
 
     @property
     def mean_accepted(self) -> float:
@@ -278,7 +282,9 @@ class SpeculativeDecoder(abc.ABC, StrategyHubMixin):
 
         while bool(state.unfinished.any()):
             state.max_drafts = (max_length - state.lengths - 1).clamp(min=0)
+            drafting = time.perf_counter()
             tree = self.draft(model, state)
+            stats.draft_seconds += time.perf_counter() - drafting
             T = tree.size
             _refuse_past_window(window, layout.length + T)
             next_positions = layout.next_positions()  # (B,)
@@ -295,7 +301,9 @@ class SpeculativeDecoder(abc.ABC, StrategyHubMixin):
             scores = self._process(processors, state, tree, node_logits)  # (B, T, V) float32
             accept = sample_accept if generation_config.do_sample else greedy_accept
             path, num_accepted, next_token = accept(tree, scores, state.max_drafts)
+            drafting = time.perf_counter()
             self.observe(state, tree, node_logits, path, num_accepted)
+            stats.draft_seconds += time.perf_counter() - drafting
             stats.steps += 1
             stats.row_forwards += int(state.unfinished.sum())
             stats.draft_tokens += (T - 1) * int(state.unfinished.sum())

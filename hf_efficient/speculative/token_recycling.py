@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,17 +12,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
-from ..compat import cache_kwarg
+from .cost_model import SIZES, ForwardCostModel, device_name, forward_seconds, model_key, plan_draft
 from .engine import DecodingState, SpeculativeDecoder
-from .tree import DraftTree, acceptance_probabilities, tree_template
+from .template import DraftTemplate, best_first_templates, template_from_paths
+from .tree import DraftTree, tree_template
 
 __all__ = ["TokenRecycling"]
 
 # prior P(child of rank r accepted | parent accepted), refined online from this object's own verifications
 _RANK_PRIOR = (0.45, 0.15, 0.08, 0.05, 0.04, 0.03, 0.02, 0.02)
 _PRIOR_WEIGHT = 20.0
-# tree sizes `tree="auto"` times; at least 4 nodes, so the per-rank acceptance statistics keep being observed
-_AUTO_SIZES = (4, 6, 8, 12, 16, 24, 32, 48, 64, 80)
+_MAX_TREE = 64  # the largest template `tree="auto"` plans with
 _STATE_FILE = "recycling.safetensors"  # the `save` file inside a `save_pretrained` folder
 
 
@@ -35,7 +34,12 @@ class TokenRecycling(SpeculativeDecoder):
     `r`-th successor of the parent's token), verified in one target forward, and every verified node overwrites
     its token's row with the target's top-k at that node (accepted or not). The matrix persists across calls
     (`save` / `load` / `reset`); `save_pretrained` / `from_pretrained` / `push_to_hub` keep it together with the
-    settings and, for `tree="auto"`, the forward timings (re-measured only on another kind of device).
+    settings and, for `tree="auto"`, the forward timings (looked up again only for another device or model).
+
+    With `tree="auto"` every step's tree size is planned (`cost_model.plan_draft`) from the measured acceptance per
+    rank and the target's forward time by tokens verified (`ForwardCostModel`: timed once per model, dtype, device
+    and thread count, kept on disk): the size maximising expected tokens per second, a root-only plain step when
+    drafting would not pay.
 
     Beyond the paper, the successors are also kept per token *pair* (the node's parent token, the node's token) in
     a hashed table of `pair_buckets` rows, and a draft node whose pair has been seen takes its successors from
@@ -48,15 +52,17 @@ class TokenRecycling(SpeculativeDecoder):
     Args:
         topk (`int`, *optional*, defaults to 8): successors kept per token (the paper's `k`).
         tree (`str`, `int` or `Sequence[Sequence[int]]`, *optional*, defaults to `"auto"`): the draft-tree
-            template. `"auto"` times the target forward against tree size on the current device at the first
-            call and keeps the size maximising expected tokens per second (re-planned every call from measured
-            per-rank acceptance); an `int` is a fixed size (nodes incl. root) of the best template; a list of
-            rank paths (e.g. `[[0], [1], [0, 0]]`, the paper's format) is used as given.
+            template. `"auto"` plans every step's size (1 to 64 nodes; 1 is a plain step) for the most expected
+            tokens per second from `cost_model`'s forward times and the measured per-rank acceptance; an `int` is
+            a fixed size (nodes incl. root) of the best template; a list of rank paths (e.g. `[[0], [1], [0, 0]]`,
+            the paper's format) is used as given.
         pair_buckets (`int`, *optional*, defaults to 65521): rows of the token-pair table (a prime spreads the
             hashed pairs best); `0` disables it.
         warm_start (`bool`, *optional*, defaults to `True`): seed the rows of prompt tokens the matrix has not
             seen yet from the prefill logits (the prefill's LM head runs at those positions too; rows learned
             in earlier calls are kept).
+        cost_model (`ForwardCostModel`, *optional*): the target's forward times for `tree="auto"`; by default
+            measured once per machine and model and cached on disk. `ForwardCostModel(costs={...})` pins them.
 
     Example:
 
@@ -76,6 +82,7 @@ class TokenRecycling(SpeculativeDecoder):
         tree: str | int | Sequence[Sequence[int]] = "auto",
         pair_buckets: int = 65521,
         warm_start: bool = True,
+        cost_model: ForwardCostModel | None = None,
     ):
         super().__init__()
         if topk < 1:
@@ -88,8 +95,10 @@ class TokenRecycling(SpeculativeDecoder):
         self.tree = tree
         self.pair_buckets = pair_buckets
         self.warm_start = warm_start
-        self.forward_costs: dict[int, float] = {}  # tree size -> seconds of one verification forward
+        self.cost_model = cost_model if cost_model is not None else ForwardCostModel()
+        self.forward_costs: dict[int, float] = {}  # tokens verified -> seconds of one forward (`tree="auto"`)
         self.forward_costs_device: str | None = None  # the device `forward_costs` were measured on
+        self.forward_costs_model: str | None = None  # and the model (`cost_model.model_key`)
         self.reset()
 
     # ----- state ----------------------------------------------------------------------------------------
@@ -102,22 +111,30 @@ class TokenRecycling(SpeculativeDecoder):
         prior = torch.tensor([_RANK_PRIOR[r] if r < len(_RANK_PRIOR) else 0.01 for r in range(self.topk)])
         self.rank_hits = prior * _PRIOR_WEIGHT  # (topk,)
         self.rank_trials = torch.full((self.topk,), _PRIOR_WEIGHT)
-        self._ranks = self._node_trials = self._node_hits = None  # template ranks `(T,)`, counts not yet folded
+        self._pending: torch.LongTensor | None = None  # (2, topk) trials and hits per rank not yet folded in
 
     def _fold_counts(self) -> None:
-        """Add the per-node trials and hits of the current template's verifications to the per-rank counts."""
-        if self._ranks is None:
+        """Add the per-rank trials and hits counted on the drafting device since the last fold (one sync)."""
+        if self._pending is None:
             return
-        ranks = self._ranks[1:].cpu()  # the root has no rank
-        self.rank_trials = self.rank_trials.index_add(0, ranks, self._node_trials[1:].float().cpu())
-        self.rank_hits = self.rank_hits.index_add(0, ranks, self._node_hits[1:].float().cpu())
-        self._node_trials = torch.zeros_like(self._node_trials)
-        self._node_hits = torch.zeros_like(self._node_hits)
+        pending = self._pending.float().cpu()
+        self.rank_trials, self.rank_hits = self.rank_trials + pending[0], self.rank_hits + pending[1]
+        self._pending = torch.zeros_like(self._pending)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the recycled successors and acceptance statistics to a safetensors file."""
+        """Write the learned state (`state_tensors`) to a safetensors file."""
         if self.adjacency is None:
             raise ValueError("nothing to save: the adjacency matrix is built by the first generate call")
+        metadata = {"method": "token_recycling", "topk": str(self.topk)}
+        save_file(self.state_tensors(), os.fspath(path), metadata=metadata)
+
+    def load(self, path: str | os.PathLike) -> TokenRecycling:
+        """Restore a state written by `save` (sets `topk` and `pair_buckets` from the file); returns `self`."""
+        self.load_state_tensors(load_file(os.fspath(path)))
+        return self
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The recycled successors and acceptance statistics as CPU tensors (subclasses add theirs)."""
         self._fold_counts()
         tensors = {
             "adjacency": self.adjacency.cpu(),
@@ -127,19 +144,17 @@ class TokenRecycling(SpeculativeDecoder):
         }
         if self.pair_keys is not None:
             tensors |= {"pair_keys": self.pair_keys.cpu(), "pair_next": self.pair_next.cpu()}
-        save_file(tensors, os.fspath(path), metadata={"method": "token_recycling", "topk": str(self.topk)})
+        return tensors
 
-    def load(self, path: str | os.PathLike) -> TokenRecycling:
-        """Restore a state written by `save` (sets `topk` and `pair_buckets` from the file); returns `self`."""
-        tensors = load_file(os.fspath(path))
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what `state_tensors` returned."""
         self.adjacency = tensors["adjacency"].long()
         self.seen = tensors["seen"].bool()
         self.pair_keys, self.pair_next = tensors.get("pair_keys"), tensors.get("pair_next")
         self.pair_buckets = 0 if self.pair_keys is None else len(self.pair_keys)
         self.topk = self.adjacency.shape[1]
         self.rank_hits, self.rank_trials = tensors["rank_hits"].float(), tensors["rank_trials"].float()
-        self._ranks = self._node_trials = self._node_hits = None
-        return self
+        self._pending = None
 
     def _save_state(self, folder: Path) -> dict[str, Any]:
         if self.adjacency is not None:  # built by the first call
@@ -151,6 +166,7 @@ class TokenRecycling(SpeculativeDecoder):
             "warm_start": self.warm_start,
             "forward_costs": {str(size): seconds for size, seconds in self.forward_costs.items()},
             "forward_costs_device": self.forward_costs_device,
+            "forward_costs_model": self.forward_costs_model,
         }
 
     @classmethod
@@ -161,6 +177,7 @@ class TokenRecycling(SpeculativeDecoder):
             strategy.load(folder / _STATE_FILE)
         strategy.forward_costs = {int(size): float(s) for size, s in (config.get("forward_costs") or {}).items()}
         strategy.forward_costs_device = config.get("forward_costs_device")
+        strategy.forward_costs_model = config.get("forward_costs_model")
         return strategy
 
     @property
@@ -204,25 +221,15 @@ class TokenRecycling(SpeculativeDecoder):
             self._recycle(previous[valid], state.sequences[:, columns][valid], top)
             state.prompt_logits = None
         self._fold_counts()
-        # the template stays on the CPU (DraftTree caches its topology by value); its drafting columns go to `device`
-        self._parents, self._ranks = self._template(model, state)
-        self._levels = _template_levels(self._parents, self._ranks, device)
-        self._node_trials = torch.zeros(len(self._ranks), dtype=torch.long, device=device)
-        self._node_hits = torch.zeros_like(self._node_trials)
+        self._pending = torch.zeros(2, self.topk, dtype=torch.long, device=device)
+        self._templates = self._plan_templates(model, state)  # template size -> `DraftTemplate`
+        self._seconds = self._seconds_table(state, max(self._templates))
+        self._plain_drafts = None  # what a plain step would have drafted, scored once its token is known
 
     def draft(self, model: PreTrainedModel, state: DecodingState) -> DraftTree:
-        B, T = state.sequences.shape[0], len(self._parents)
-        context = torch.empty(B, T + 1, dtype=torch.long, device=state.sequences.device)  # the root's previous token,
-        context[:, 0], context[:, 1] = _previous_roots(state), state.roots  # then the nodes
-        for nodes, parents, grandparents, ranks in self._levels:  # one tree depth at a time, (n,) each
-            parent = context[:, parents]  # (B, n)
-            successor = self.adjacency[parent, ranks]
-            if self.pair_keys is not None:
-                key = context[:, grandparents] * len(self.adjacency) + parent  # negative where unknown: no match
-                bucket = key % len(self.pair_keys)
-                successor = torch.where(self.pair_keys[bucket] == key, self.pair_next[bucket, ranks], successor)
-            context[:, nodes] = successor
-        return DraftTree(context[:, 1:].contiguous(), self._parents)
+        self._score_plain_step(state)
+        self._template = self._templates[self._plan(state)[0]]
+        return DraftTree(self._draft_template(state, self._template)[:, 1:].contiguous(), self._template.parents)
 
     def observe(self, state, tree, logits, path, num_accepted) -> None:
         rows = state.unfinished
@@ -230,12 +237,66 @@ class TokenRecycling(SpeculativeDecoder):
         previous[:, 0] = _previous_roots(state)
         top = logits[rows].topk(self.topk).indices  # (b, T, topk)
         self._recycle(previous[rows].flatten(), tree.tokens[rows].flatten(), top.flatten(0, 1))
-        on_path = torch.zeros_like(tree.tokens, dtype=torch.bool).scatter_(1, path.clamp(min=0), True)[rows]
-        tried = on_path.gather(1, tree.parents[rows].clamp(min=0))  # (b, T) parent on the accepted path
-        self._node_trials += tried.sum(0)  # per template node; folded into per-rank counts by `_fold_counts`
-        self._node_hits += (on_path & tried).sum(0)
+        n = self._template.size  # template nodes come first; nodes past them (a subclass's) are not ranked
+        if n > 1:
+            on_path = torch.zeros_like(tree.tokens, dtype=torch.bool).scatter_(1, path.clamp(min=0), True)[rows]
+            tried = on_path.gather(1, tree.parents[rows, :n].clamp(min=0))  # (b, n) parent on the accepted path
+            hit = on_path[:, :n] & tried
+            self._pending[0].index_add_(0, self._template.node_ranks, tried[:, 1:].sum(0))  # the root has no rank
+            self._pending[1].index_add_(0, self._template.node_ranks, hit[:, 1:].sum(0))
 
     # ----- internals ------------------------------------------------------------------------------------
+    def _plan(self, state: DecodingState, chain_gains: Sequence[float] = (0.0,)) -> tuple[int, int]:
+        """`(template size, chain length)` of this step: the fixed template, or `plan_draft`'s choice (`"auto"`)."""
+        if len(self._templates) == 1:
+            return next(iter(self._templates)), len(chain_gains) - 1
+        gains = {size: template.gain for size, template in self._templates.items()}
+        return plan_draft(self._seconds, gains, chain_gains)
+
+    def _draft_template(self, state: DecodingState, template: DraftTemplate) -> torch.LongTensor:
+        """`(B, n + 1)` drafting buffer of `template`: column 0 the root's previous token, column `i + 1` node `i`."""
+        B = state.sequences.shape[0]
+        context = torch.empty(B, template.size + 1, dtype=torch.long, device=state.sequences.device)
+        context[:, 0], context[:, 1] = _previous_roots(state), state.roots
+        for nodes, parents, grandparents, ranks in template.levels:  # one tree depth at a time, (n,) each
+            context[:, nodes] = self._successors(context[:, grandparents], context[:, parents], ranks)
+        if template.size == 1:  # a plain step: keep what every rank would have drafted (`_score_plain_step`)
+            ranks = torch.arange(self.topk, device=context.device)
+            drafts = self._successors(context[:, :1], context[:, 1:], ranks)  # (B, topk)
+            self._plain_drafts = (drafts, state.lengths.clone(), state.unfinished.clone())
+        return context
+
+    def _score_plain_step(self, state: DecodingState) -> None:
+        """Count the last plain step's would-be children against the token it emitted (a child of rank `r` is
+        accepted exactly when it equals that token, in greedy and in sampling), so per-rank acceptance keeps being
+        measured while the plan drafts nothing."""
+        if self._plain_drafts is None:
+            return
+        drafts, lengths, live = self._plain_drafts
+        last = state.sequences.shape[1] - 1  # rows already at max_length were not live
+        emitted = state.sequences.gather(1, lengths.clamp(max=last)[:, None])  # (B, 1) the token the step emitted
+        self._pending[0] += live.sum()
+        self._pending[1] += ((drafts == emitted) & live[:, None]).sum(0)
+        self._plain_drafts = None
+
+    def _successors(self, previous: torch.Tensor, parent: torch.Tensor, ranks: torch.Tensor | int) -> torch.Tensor:
+        """The rank-`ranks` successors of tokens `parent` preceded by `previous` (-1 if unknown), shapes broadcast:
+        from the pair table where the pair was seen, else from the adjacency matrix."""
+        successor = self.adjacency[parent, ranks]
+        if self.pair_keys is not None:
+            key = previous * len(self.adjacency) + parent  # negative where unknown: no match
+            bucket = key % len(self.pair_keys)
+            successor = torch.where(self.pair_keys[bucket] == key, self.pair_next[bucket, ranks], successor)
+        return successor
+
+    def _seconds_table(self, state: DecodingState, nodes: int) -> list[float]:
+        """`[seconds of a forward verifying t nodes per row for t in 0..nodes]` (`tree="auto"`; the batch's rows
+        count: a forward of `B` rows of `t` nodes is timed as `B * t` tokens)."""
+        if not self.forward_costs:
+            return []
+        rows = state.sequences.shape[0]
+        return [forward_seconds(self.forward_costs, rows * max(t, 1)) for t in range(nodes + 1)]
+
     def _recycle(self, previous: torch.LongTensor, tokens: torch.LongTensor, top: torch.LongTensor) -> None:
         """Record successors `top` `(N, topk)` of `tokens` `(N,)` (preceded by `previous` `(N,)`, -1 if unknown) in
         the adjacency matrix and the pair table; for a row written several times the first occurrence wins."""
@@ -252,39 +313,24 @@ class TokenRecycling(SpeculativeDecoder):
         self.pair_keys[buckets] = key[first]
         self.pair_next[buckets] = top[known][first]
 
-    def _template(self, model: PreTrainedModel, state: DecodingState) -> tuple[torch.LongTensor, torch.LongTensor]:
+    def _plan_templates(self, model: PreTrainedModel, state: DecodingState) -> dict[int, DraftTemplate]:
+        """The templates this call drafts from, by size: the given one, or for `"auto"` one per planned size."""
+        acceptance, device = self.rank_acceptance, state.sequences.device
         if isinstance(self.tree, (list, tuple)):
-            return _template_from_paths(self.tree)
+            return DraftTemplate.by_size(*template_from_paths(self.tree), acceptance, device)
         if isinstance(self.tree, int):
-            return tree_template(self.tree, self.rank_acceptance)
-        device = _device_name(state.sequences.device)
-        if not self.forward_costs or self.forward_costs_device != device:  # timed once per kind of device
-            self.forward_costs, self.forward_costs_device = self._measure(model, state), device
-        # the best tree of n nodes holds the n - 1 likeliest nodes of the biggest one (best-first growth)
-        largest = tree_template(max(self.forward_costs), self.rank_acceptance)
-        likeliest = sorted(acceptance_probabilities(*largest, self.rank_acceptance)[1:], reverse=True)
-        best = max(self.forward_costs, key=lambda size: (1 + sum(likeliest[: size - 1])) / self.forward_costs[size])
-        return tree_template(best, self.rank_acceptance)
+            return DraftTemplate.by_size(*tree_template(self.tree, acceptance), acceptance, device)
+        self._update_forward_costs(model)
+        return best_first_templates(SIZES, _MAX_TREE, acceptance, device)
 
-    def _measure(self, model: PreTrainedModel, state: DecodingState) -> dict[int, float]:
-        """Seconds of one verification forward per tree size, on the live cache (cropped back after)."""
-        costs = {}
-        device = state.sequences.device
-        for size in _AUTO_SIZES:
-            tokens = state.roots[:, None].repeat(1, size)  # (B, size)
-            ancestors = torch.ones(size, size, dtype=torch.bool, device=device).tril().expand(len(tokens), -1, -1)
-            mask = state.layout.tree_mask(ancestors, model.dtype)
-            positions = state.layout.next_positions()[:, None] + torch.arange(size, device=device)
-            times = []
-            for _ in range(3):
-                _synchronize(device)
-                start = time.perf_counter()
-                model(input_ids=tokens, attention_mask=mask, position_ids=positions, **cache_kwarg(state.cache))
-                _synchronize(device)
-                times.append(time.perf_counter() - start)
-                state.cache.crop(-size)
-            costs[size] = min(times)  # the least disturbed run: other processes only ever add time
-        return costs
+    def _update_forward_costs(self, model: PreTrainedModel) -> None:
+        """`forward_costs` of this model and device: pinned by `cost_model`, kept when this object already holds
+        them (saved with it), else `cost_model`'s (timed at most once per machine, cached on disk)."""
+        device, identity = device_name(model.device), model_key(model)
+        held = self.forward_costs and (self.forward_costs_device, self.forward_costs_model) == (device, identity)
+        if self.cost_model.costs is not None or not held:
+            self.forward_costs = self.cost_model.forward_costs(model)
+        self.forward_costs_device, self.forward_costs_model = device, identity
 
 
 def _first_occurrences(values: torch.LongTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
@@ -300,53 +346,7 @@ def _previous_roots(state: DecodingState) -> torch.LongTensor:
     return state.sequences.gather(1, before.clamp(min=0)[:, None]).squeeze(1).masked_fill(before < 0, -1)
 
 
-def _template_levels(
-    parents: torch.LongTensor, ranks: torch.LongTensor, device: torch.device
-) -> list[tuple[torch.LongTensor, ...]]:
-    """Per tree depth, `(nodes, parents, grandparents, ranks)` `(n,)` each, as columns of a drafting buffer whose
-    column 0 holds the root's previous token and column `i + 1` node `i` (so the root's parent is column 0)."""
-    parent_of = parents.tolist()
-    depth = [0] * len(parent_of)
-    for i in range(1, len(parent_of)):
-        depth[i] = depth[parent_of[i]] + 1
-    levels = []
-    for d in range(1, max(depth, default=0) + 1):
-        nodes = [i for i in range(len(parent_of)) if depth[i] == d]
-        columns = [
-            [i + 1 for i in nodes],
-            [parent_of[i] + 1 for i in nodes],
-            [parent_of[parent_of[i]] + 1 for i in nodes],
-        ]
-        levels.append(tuple(torch.tensor(c, device=device) for c in (*columns, ranks[nodes].tolist())))
-    return levels
-
-
-def _template_from_paths(paths: Sequence[Sequence[int]]) -> tuple[torch.LongTensor, torch.LongTensor]:
-    """Parents and ranks of a tree given as rank paths from the root (`[[0], [1], [0, 0], ...]`)."""
-    index = {(): 0}
-    parents, ranks = [-1], [-1]
-    for path in sorted((tuple(p) for p in paths), key=lambda p: (len(p), p)):
-        if not path or path[:-1] not in index:
-            raise ValueError(f"tree path {list(path)} is empty or its parent path {list(path[:-1])} is missing")
-        index[path] = len(parents)
-        parents.append(index[path[:-1]])
-        ranks.append(path[-1])
-    return torch.tensor(parents), torch.tensor(ranks)
-
-
 def _writable(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor`, cloned if an earlier call under `torch.inference_mode()` made it an inference tensor and this call
     runs outside inference mode (where inference tensors cannot be updated in place)."""
     return tensor.clone() if tensor.is_inference() and not torch.is_inference_mode_enabled() else tensor
-
-
-def _device_name(device: torch.device) -> str:
-    """What forward timings depend on: `"cpu"`, or the accelerator's type and name (`"cuda:NVIDIA H200"`)."""
-    if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    return device.type
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

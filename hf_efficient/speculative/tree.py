@@ -84,7 +84,7 @@ class DraftTree:
         return tokens.masked_fill(paths < 0, -1)
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=256)  # hybrid drafts graft chains at a few places onto ~15 template sizes
 def _shared_topology(
     parents: tuple[int, ...], device: torch.device
 ) -> tuple[torch.LongTensor, torch.LongTensor, torch.LongTensor, torch.BoolTensor]:
