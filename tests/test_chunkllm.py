@@ -49,6 +49,18 @@ def test_selection_covering_all_chunks_equals_backbone(arch):
     assert model.kv_retention == 1.0
 
 
+def test_hybrid_sliding_window_backbone_equals_backbone_past_its_window():
+    from factories import tiny_hybrid_lm
+
+    backbone = tiny_hybrid_lm(sliding_window=8)  # Gemma-3 layout: sliding and full-attention layers
+    model = _chunky(backbone, top_k_chunks=64, sink_tokens=2)
+    input_ids = torch.randint(3, 90, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids).logits, backbone(input_ids).logits)
+    kwargs = dict(max_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(input_ids, **kwargs), backbone.generate(input_ids, **kwargs))
+
+
 def test_exact_with_tied_embeddings_and_default_chunking():
     backbone = tiny_causal_lm("qwen2", tie_word_embeddings=True)
     model = ChunkLLMForCausalLM.from_backbone(backbone, top_k_chunks=100_000)

@@ -530,6 +530,7 @@ def _plot(
     lengths,
     quality_columns: dict[str, str] | None = None,
     backbones: tuple[str, str] = ("target", "retrieval backbone"),
+    layouts: tuple[str, ...] = LAYOUTS,
 ) -> Callable:
     """Perplexity ratio per method (bars, one per `quality_columns`), retrieval accuracy per method and layout
     (bars), and the decode speedup over full attention per context length (lines)."""
@@ -541,7 +542,7 @@ def _plot(
         _grouped_bars(quality, [row for row in report.rows if next(iter(quality_columns)) in row], quality_columns)
         quality.set_ylabel(f"perplexity / full attention ({backbones[0]})")
         rows = [row for row in report.rows if f"retrieval_{LAYOUTS[0]}" in row]
-        _grouped_bars(retrieval, rows, {f"retrieval_{layout}": f"{layout} layout" for layout in LAYOUTS})
+        _grouped_bars(retrieval, rows, {f"retrieval_{layout}": f"{layout} layout" for layout in layouts})
         retrieval.set_ylabel(f"retrieval accuracy ({backbones[1]})")
         retrieval.set_ylim(0, 1.05)
         for row in report.rows:

@@ -87,21 +87,25 @@ def _generation(model, inputs: dict[str, torch.Tensor], kwargs: dict[str, Any], 
     return run
 
 
-def _methods(batch: int, recycling) -> dict[str, tuple[dict[str, Any], Any]]:
-    """`generate` kwargs and recycling state per method (HF prompt lookup refuses batch > 1)."""
+def _methods(batch: int, recycling, extra: dict | None = None) -> dict[str, tuple[dict[str, Any], Any]]:
+    """`generate` kwargs and strategy state per method (HF prompt lookup refuses batch > 1); `extra` adds
+    `{name: strategy}` methods."""
     methods: dict[str, tuple[dict[str, Any], Any]] = {"plain generate": ({}, None)}
     if batch == 1:
         methods["HF prompt lookup"] = ({"prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS}, None)
     methods["TokenRecycling"] = ({}, recycling)
+    methods.update({name: ({}, strategy) for name, strategy in (extra or {}).items()})
     return methods
 
 
-def _rounds(model, batches: list[dict[str, torch.Tensor]], decoding: dict[str, Any], recycling) -> dict[str, Any]:
+def _rounds(
+    model, batches: list[dict[str, torch.Tensor]], decoding: dict[str, Any], recycling, extra: dict | None = None
+) -> dict[str, Any]:
     """Every batch is one interleaved round of every method; per method: per-round speedups over plain, tokens/s,
     tokens per target forward per row, and the share of rows whose output equals plain's."""
     per_method: dict[str, dict[str, list]] = {}
     for inputs in batches:
-        methods = _methods(inputs["input_ids"].shape[0], recycling)
+        methods = _methods(inputs["input_ids"].shape[0], recycling, extra)
         works = {name: _generation(model, inputs, decoding | kw, state) for name, (kw, state) in methods.items()}
         timing = interleaved(works, rounds=1, warmup=0)
         plain_out = timing.results["plain generate"][0][0]
